@@ -1,3 +1,5 @@
+//! `ip2p`: InstructPix2Pix from the terminal.
+
 fn main() {
-    println!("Hello, world!");
+    println!("ip2p: subcommands arrive with their issues");
 }

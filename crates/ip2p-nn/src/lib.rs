@@ -1,13 +1,22 @@
-//! Shared building blocks of ip2p.
+//! Shared building blocks of ip2p: diffusers weight loading and configs, and the layers that
+//! the UNet and the VAE both use (ResNet blocks, attention, up- and down-sampling).
+//!
+//! Every module is generic over `B: Backend`; this crate enables no backend.
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn warm() {
-        use burn::tensor::Tensor;
-        type B = burn::backend::Flex;
-        let d = Default::default();
-        let t = Tensor::<B, 2>::ones([2, 2], &d);
-        assert_eq!(t.sum().into_scalar(), 4.0);
-    }
-}
+pub mod attention;
+pub mod cast;
+pub mod config;
+pub mod error;
+pub mod norm;
+pub mod resnet;
+pub mod sampling;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod weights;
+
+pub use attention::{Attention, AttentionConfig, AttentionImpl, scaled_dot_product};
+pub use config::{PerBlock, read_config};
+pub use error::LoadError;
+pub use resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+pub use sampling::{Downsample2D, Downsample2DConfig, Upsample2D, Upsample2DConfig};
+pub use weights::{WeightSpec, default_float_dtype, load_safetensors, weights_file};

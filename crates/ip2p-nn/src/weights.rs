@@ -1,0 +1,220 @@
+//! Loading diffusers safetensors into Burn modules, strictly.
+//!
+//! burn-store does the work (memory-mapped reading, PyTorch→Burn layout, key remapping); this
+//! module makes it strict and typed: a file that does not match the module exactly is an error
+//! that names the file and the tensor, never a silently half-initialised model.
+
+use std::fs::File;
+use std::path::Path;
+use std::rc::Rc;
+
+use burn::module::Module;
+use burn::tensor::DType;
+use burn::tensor::backend::Backend;
+use burn_store::{
+    ApplyError, KeyRemapper, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
+    TensorSnapshot,
+};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::LoadError;
+
+/// How a file's keys relate to a module's parameter paths.
+///
+/// Our modules name their fields after diffusers' keys, so most specs are empty; `remap`
+/// covers the rest (`ff.net.2` → `ff.net_2`), `ignore` names file entries that are not
+/// weights (transformers' `position_ids` buffer).
+#[derive(Debug, Clone, Default)]
+pub struct WeightSpec {
+    remap: Vec<(String, String)>,
+    ignore: Vec<String>,
+}
+
+impl WeightSpec {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Rename file keys matching the regex `from` to `to` (`$1` refers to groups).
+    pub fn remap(mut self, from: &str, to: &str) -> Self {
+        self.remap.push((from.to_string(), to.to_string()));
+        self
+    }
+
+    /// Skip file keys matching the regex `pattern`: neither loaded nor reported as unexpected.
+    pub fn ignore(mut self, pattern: &str) -> Self {
+        self.ignore.push(pattern.to_string());
+        self
+    }
+
+    fn ignored(&self) -> Result<Vec<regex::Regex>, String> {
+        self.ignore
+            .iter()
+            .map(|p| regex::Regex::new(p).map_err(|e| format!("bad ignore pattern `{p}`: {e}")))
+            .collect()
+    }
+}
+
+/// The float dtype a backend creates parameters in by default.
+pub fn default_float_dtype<B: Backend>() -> DType {
+    use burn::tensor::Element;
+    <B::FloatElem as Element>::dtype()
+}
+
+/// Load a safetensors file into `module`, casting every float tensor to `dtype`.
+///
+/// F32, F16, BF16 and F64 files load into a model of any float dtype. The file is
+/// memory-mapped; tensors are read one at a time straight into the module, so the
+/// weights are never held twice.
+///
+/// Errors: the file is missing or unreadable, not safetensors, truncated, holds a tensor of
+/// an unsupported dtype, lacks a tensor the module needs, holds one the module has no place
+/// for, or holds one of the wrong shape.
+pub fn load_safetensors<B: Backend, M: Module<B>>(
+    mut module: M,
+    path: impl AsRef<Path>,
+    spec: &WeightSpec,
+    dtype: DType,
+) -> Result<M, LoadError> {
+    let path = path.as_ref();
+    let ignored = spec.ignored().map_err(|reason| LoadError::Config {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    let is_ignored = |key: &str| ignored.iter().any(|r| r.is_match(key));
+    check_file(path, &is_ignored)?;
+
+    let remapper = KeyRemapper::from_patterns(
+        spec.remap.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect(),
+    )
+    .map_err(|e| LoadError::Config {
+        path: path.to_path_buf(),
+        reason: format!("bad remap pattern: {e}"),
+    })?;
+    let mut store = SafetensorsStore::from_file(path)
+        .remap(remapper)
+        .with_from_adapter(PyTorchToBurnAdapter.chain(CastFloat(dtype)))
+        // We check the result ourselves, so that every failure becomes a typed error.
+        .allow_partial(true)
+        .validate(false);
+    let result = module.load_from(&mut store).map_err(|e| LoadError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+
+    if let Some(err) = result.errors.first() {
+        return Err(apply_error(path, err));
+    }
+    if !result.missing.is_empty() {
+        return Err(LoadError::MissingTensors {
+            path: path.to_path_buf(),
+            keys: result.missing.iter().map(|(k, _)| k.clone()).collect(),
+        });
+    }
+    let unexpected: Vec<String> =
+        result.unused.into_iter().filter(|k| !is_ignored(k)).collect();
+    if !unexpected.is_empty() {
+        return Err(LoadError::UnexpectedTensors {
+            path: path.to_path_buf(),
+            keys: unexpected,
+        });
+    }
+    Ok(module)
+}
+
+/// Validate the header, the data length and every dtype before burn-store touches the file,
+/// so a corrupt file is reported as such and not as a failure deep inside a load.
+fn check_file(path: &Path, is_ignored: &dyn Fn(&str) -> bool) -> Result<(), LoadError> {
+    let io = |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY: read-only map of a file we do not modify; dropped before this function returns.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    let tensors = SafeTensors::deserialize(&map).map_err(|e| LoadError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    for (name, view) in tensors.tensors() {
+        if is_ignored(&name) {
+            continue;
+        }
+        if !matches!(view.dtype(), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) {
+            return Err(LoadError::UnsupportedDType {
+                path: path.to_path_buf(),
+                tensor: name,
+                dtype: format!("{:?}", view.dtype()),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn apply_error(path: &Path, err: &ApplyError) -> LoadError {
+    let path = path.to_path_buf();
+    match err {
+        ApplyError::ShapeMismatch {
+            path: tensor,
+            expected,
+            found,
+        } => LoadError::ShapeMismatch {
+            path,
+            tensor: tensor.clone(),
+            expected: expected.dims.to_vec(),
+            found: found.dims.to_vec(),
+        },
+        ApplyError::DTypeMismatch { path: tensor, .. }
+        | ApplyError::AdapterError { path: tensor, .. }
+        | ApplyError::LoadError { path: tensor, .. } => LoadError::Tensor {
+            path,
+            tensor: tensor.clone(),
+            reason: err.to_string(),
+        },
+    }
+}
+
+/// Casts float tensors to the model's dtype as they are read (f16 file → f32 model and back).
+#[derive(Clone, Copy)]
+struct CastFloat(DType);
+
+impl ModuleAdapter for CastFloat {
+    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
+        let to = self.0;
+        if snapshot.dtype == to || !snapshot.dtype.is_float() {
+            return snapshot.clone();
+        }
+        let data = snapshot.clone_data_fn();
+        TensorSnapshot::from_closure(
+            Rc::new(move || Ok(data()?.convert_dtype(to))),
+            to,
+            snapshot.shape.clone(),
+            snapshot.path_stack.clone().unwrap_or_default(),
+            snapshot.container_stack.clone().unwrap_or_default(),
+            snapshot.tensor_id.unwrap_or_default(),
+        )
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(*self)
+    }
+}
+
+/// The weights file of one component folder, as diffusers names it: `<stem>.safetensors`, or
+/// `<stem>.<variant>.safetensors` for a variant such as `fp16`. `stem` is
+/// `diffusion_pytorch_model` for diffusers models and `model` for transformers' text encoder.
+pub fn weights_file(dir: impl AsRef<Path>, stem: &str, variant: Option<&str>) -> Result<std::path::PathBuf, LoadError> {
+    let name = match variant {
+        Some(v) => format!("{stem}.{v}.safetensors"),
+        None => format!("{stem}.safetensors"),
+    };
+    let path = dir.as_ref().join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(LoadError::Io {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found"),
+        })
+    }
+}
