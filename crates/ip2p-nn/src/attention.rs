@@ -58,7 +58,7 @@ pub fn scaled_dot_product<B: Backend>(
                 .step_by(chunk)
                 .map(|s| {
                     let e = (s + chunk).min(lq);
-                    let qs = q.clone().slice([None, None, Some((s as i64, e as i64)), None]);
+                    let qs = q.clone().narrow(2, s, e - s);
                     naive(qs, k.clone(), v.clone(), scale, causal, s)
                 })
                 .collect();
@@ -68,13 +68,24 @@ pub fn scaled_dot_product<B: Backend>(
 }
 
 /// One block of queries starting at token `offset` (for the causal mask).
-fn naive<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, scale: f64, causal: bool, offset: usize) -> Tensor<B, 4> {
+fn naive<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f64,
+    causal: bool,
+    offset: usize,
+) -> Tensor<B, 4> {
     let dtype = q.dtype();
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale).cast(DType::F32);
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .mul_scalar(scale)
+        .cast(DType::F32);
     let scores = if causal {
         let [b, h, lq, lk] = scores.dims();
         let device = scores.device();
-        let rows = Tensor::<B, 1, Int>::arange(offset as i64..(offset + lq) as i64, &device).reshape([1, 1, lq, 1]);
+        let rows = Tensor::<B, 1, Int>::arange(offset as i64..(offset + lq) as i64, &device)
+            .reshape([1, 1, lq, 1]);
         let cols = Tensor::<B, 1, Int>::arange(0..lk as i64, &device).reshape([1, 1, 1, lk]);
         let mask: Tensor<B, 4, Bool> = cols.greater(rows).expand([b, h, lq, lk]);
         scores.mask_fill(mask, f32::NEG_INFINITY)
@@ -136,9 +147,11 @@ impl AttentionConfig {
         let context = self.cross_attention_dim.unwrap_or(self.query_dim);
         let proj = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
         Attention {
-            group_norm: self
-                .norm_num_groups
-                .map(|g| GroupNormConfig::new(g, self.query_dim).with_epsilon(self.eps).init(device)),
+            group_norm: self.norm_num_groups.map(|g| {
+                GroupNormConfig::new(g, self.query_dim)
+                    .with_epsilon(self.eps)
+                    .init(device)
+            }),
             to_q: proj(self.query_dim, inner, self.bias),
             to_k: proj(context, inner, self.bias),
             to_v: proj(context, inner, self.bias),
@@ -181,11 +194,14 @@ impl<B: Backend> Attention<B> {
     pub fn forward_spatial(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let tokens = x.reshape([b, c, h * w]).swap_dims(1, 2);
-        self.forward(tokens, None).swap_dims(1, 2).reshape([b, c, h, w])
+        self.forward(tokens, None)
+            .swap_dims(1, 2)
+            .reshape([b, c, h, w])
     }
 
     fn split_heads(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, l, inner] = x.dims();
-        x.reshape([b, l, self.heads, inner / self.heads]).swap_dims(1, 2)
+        x.reshape([b, l, self.heads, inner / self.heads])
+            .swap_dims(1, 2)
     }
 }

@@ -15,7 +15,9 @@ pub enum LoadError {
     },
     #[error("{path}: not a valid safetensors file ({reason})")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("{path}: tensor `{tensor}` has dtype {dtype}, which ip2p cannot load (F16, BF16, F32, F64 are supported)")]
+    #[error(
+        "{path}: tensor `{tensor}` has dtype {dtype}, which ip2p cannot load (F16, BF16, F32, F64 are supported)"
+    )]
     UnsupportedDType {
         path: PathBuf,
         tensor: String,
@@ -45,7 +47,12 @@ pub enum LoadError {
 /// The first keys of a list, enough to act on without flooding a terminal.
 fn list(keys: &[String]) -> String {
     const SHOWN: usize = 8;
-    let mut s = keys.iter().take(SHOWN).map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+    let mut s = keys
+        .iter()
+        .take(SHOWN)
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
     if keys.len() > SHOWN {
         s.push_str(&format!(" and {} more", keys.len() - SHOWN));
     }

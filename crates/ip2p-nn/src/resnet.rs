@@ -53,14 +53,19 @@ impl ResnetBlock2DConfig {
                 .init(device)
         };
         ResnetBlock2D {
-            norm1: GroupNormConfig::new(self.groups, cin).with_epsilon(self.eps).init(device),
+            norm1: GroupNormConfig::new(self.groups, cin)
+                .with_epsilon(self.eps)
+                .init(device),
             conv1: conv3(cin, cout),
-            time_emb_proj: self.temb_channels.map(|t| LinearConfig::new(t, cout).init(device)),
+            time_emb_proj: self
+                .temb_channels
+                .map(|t| LinearConfig::new(t, cout).init(device)),
             norm2: GroupNormConfig::new(self.groups_out.unwrap_or(self.groups), cout)
                 .with_epsilon(self.eps)
                 .init(device),
             conv2: conv3(cout, cout),
-            conv_shortcut: (cin != cout).then(|| Conv2dConfig::new([cin, cout], [1, 1]).init(device)),
+            conv_shortcut: (cin != cout)
+                .then(|| Conv2dConfig::new([cin, cout], [1, 1]).init(device)),
             output_scale_factor: self.output_scale_factor,
         }
     }

@@ -32,10 +32,13 @@ impl Downsample2DConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Downsample2D<B> {
         let p = self.padding;
         Downsample2D {
-            conv: Conv2dConfig::new([self.channels, self.out_channels.unwrap_or(self.channels)], [3, 3])
-                .with_stride([2, 2])
-                .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
-                .init(device),
+            conv: Conv2dConfig::new(
+                [self.channels, self.out_channels.unwrap_or(self.channels)],
+                [3, 3],
+            )
+            .with_stride([2, 2])
+            .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+            .init(device),
             pad_after: p == 0,
         }
     }
@@ -44,7 +47,11 @@ impl Downsample2DConfig {
 impl<B: Backend> Downsample2D<B> {
     /// `[batch, c, h, w]` → `[batch, out, ⌈h/2⌉, ⌈w/2⌉]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = if self.pad_after { x.pad((0, 1, 0, 1), 0.0) } else { x };
+        let x = if self.pad_after {
+            x.pad((0, 1, 0, 1), 0.0)
+        } else {
+            x
+        };
         self.conv.forward(x)
     }
 }
@@ -66,9 +73,12 @@ pub struct Upsample2D<B: Backend> {
 impl Upsample2DConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Upsample2D<B> {
         Upsample2D {
-            conv: Conv2dConfig::new([self.channels, self.out_channels.unwrap_or(self.channels)], [3, 3])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .init(device),
+            conv: Conv2dConfig::new(
+                [self.channels, self.out_channels.unwrap_or(self.channels)],
+                [3, 3],
+            )
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init(device),
         }
     }
 }

@@ -23,8 +23,12 @@ impl Fixture {
     /// Open `fixtures/<rel>`.
     pub fn open(rel: impl AsRef<Path>) -> Self {
         let path = fixtures_dir().join(rel);
-        let bytes = std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("fixture {}: {e} (run tools/fixtures/make_fixtures.py)", path.display()));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "fixture {}: {e} (run tools/fixtures/make_fixtures.py)",
+                path.display()
+            )
+        });
         let fixture = Self { path, bytes };
         fixture.parsed();
         fixture
@@ -41,7 +45,12 @@ impl Fixture {
 
     /// Names of the tensors in the file, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.parsed().names().into_iter().cloned().collect();
+        let mut names: Vec<String> = self
+            .parsed()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
         names.sort();
         names
     }
@@ -73,8 +82,14 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("fixture {}: tensor `{name}`: {e}", self.path.display()));
         let b = view.data();
         let vals: Vec<f64> = match view.dtype() {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-            Dtype::F64 => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::F64 => b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
             Dtype::F16 => b
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
@@ -83,17 +98,36 @@ impl Fixture {
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
                 .collect(),
-            Dtype::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-            Dtype::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-            other => panic!("fixture {}: tensor `{name}` has unsupported dtype {other:?}", self.path.display()),
+            Dtype::I64 => b
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            Dtype::I32 => b
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            other => panic!(
+                "fixture {}: tensor `{name}` has unsupported dtype {other:?}",
+                self.path.display()
+            ),
         };
         (vals, view.shape().to_vec())
     }
 
     /// A float tensor on `device`, in the backend's default float dtype.
-    pub fn tensor<B: Backend, const D: usize>(&self, name: &str, device: &B::Device) -> Tensor<B, D> {
+    pub fn tensor<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
         let (vals, shape) = self.values(name);
-        assert_eq!(shape.len(), D, "fixture {}: `{name}` has rank {}, asked for {D}", self.path.display(), shape.len());
+        assert_eq!(
+            shape.len(),
+            D,
+            "fixture {}: `{name}` has rank {}, asked for {D}",
+            self.path.display(),
+            shape.len()
+        );
         let vals: Vec<f32> = vals.into_iter().map(|v| v as f32).collect();
         Tensor::from_data(TensorData::new(vals, shape), device)
     }
@@ -121,18 +155,28 @@ pub fn diff(actual: &[f64], expected: &[f64]) -> Diff {
     for (a, e) in actual.iter().zip(expected) {
         let d = a - e;
         if !d.is_finite() {
-            return Diff { max_abs: f64::INFINITY, rel_l2: f64::INFINITY };
+            return Diff {
+                max_abs: f64::INFINITY,
+                rel_l2: f64::INFINITY,
+            };
         }
         max_abs = max_abs.max(d.abs());
         num += d * d;
         den += e * e;
     }
-    let rel_l2 = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    let rel_l2 = if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    };
     Diff { max_abs, rel_l2 }
 }
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().to_vec::<f64>().expect("tensor to host")
+    t.into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .expect("tensor to host")
 }
 
 /// Assert `actual` matches `expected` in shape and to a relative L2 error of `rel_l2`.
@@ -146,6 +190,10 @@ pub fn assert_close<B: Backend, const D: usize>(
 ) -> Diff {
     assert_eq!(actual.dims(), expected.dims(), "{what}: shape");
     let d = diff(&host(actual), &host(expected));
+    eprintln!(
+        "{what}: rel L2 {:.3e}, max |Δ| {:.3e} (tolerance {rel_l2:.1e})",
+        d.rel_l2, d.max_abs
+    );
     assert!(
         d.rel_l2 <= rel_l2,
         "{what}: relative L2 error {:.3e} exceeds {rel_l2:.1e} (max |Δ| {:.3e})",
@@ -163,5 +211,10 @@ pub fn assert_fixture<B: Backend, const D: usize>(
     rel_l2: f64,
 ) -> Diff {
     let expected = fixture.tensor::<B, D>(name, &actual.device());
-    assert_close(&format!("{}:{name}", fixture.path().display()), actual, expected, rel_l2)
+    assert_close(
+        &format!("{}:{name}", fixture.path().display()),
+        actual,
+        expected,
+        rel_l2,
+    )
 }

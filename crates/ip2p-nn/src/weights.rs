@@ -85,7 +85,10 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     check_file(path, &is_ignored)?;
 
     let remapper = KeyRemapper::from_patterns(
-        spec.remap.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect(),
+        spec.remap
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect(),
     )
     .map_err(|e| LoadError::Config {
         path: path.to_path_buf(),
@@ -97,10 +100,12 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
         // We check the result ourselves, so that every failure becomes a typed error.
         .allow_partial(true)
         .validate(false);
-    let result = module.load_from(&mut store).map_err(|e| LoadError::Corrupt {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let result = module
+        .load_from(&mut store)
+        .map_err(|e| LoadError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
 
     if let Some(err) = result.errors.first() {
         return Err(apply_error(path, err));
@@ -111,8 +116,24 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
             keys: result.missing.iter().map(|(k, _)| k.clone()).collect(),
         });
     }
-    let unexpected: Vec<String> =
-        result.unused.into_iter().filter(|k| !is_ignored(k)).collect();
+    // burn-store lists a norm's `weight`/`bias` as unused even when it loaded them into
+    // `gamma`/`beta` under their PyTorch names; those are not unexpected.
+    let applied: std::collections::HashSet<&str> =
+        result.applied.iter().map(String::as_str).collect();
+    let loaded_as_norm = |k: &str| {
+        [(".weight", ".gamma"), (".bias", ".beta")]
+            .iter()
+            .any(|(torch, burn)| {
+                k.strip_suffix(torch)
+                    .is_some_and(|stem| applied.contains(format!("{stem}{burn}").as_str()))
+            })
+    };
+    let unexpected: Vec<String> = result
+        .unused
+        .iter()
+        .filter(|k| !is_ignored(k) && !loaded_as_norm(k))
+        .cloned()
+        .collect();
     if !unexpected.is_empty() {
         return Err(LoadError::UnexpectedTensors {
             path: path.to_path_buf(),
@@ -140,7 +161,10 @@ fn check_file(path: &Path, is_ignored: &dyn Fn(&str) -> bool) -> Result<(), Load
         if is_ignored(&name) {
             continue;
         }
-        if !matches!(view.dtype(), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) {
+        if !matches!(
+            view.dtype(),
+            Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64
+        ) {
             return Err(LoadError::UnsupportedDType {
                 path: path.to_path_buf(),
                 tensor: name,
@@ -161,8 +185,8 @@ fn apply_error(path: &Path, err: &ApplyError) -> LoadError {
         } => LoadError::ShapeMismatch {
             path,
             tensor: tensor.clone(),
-            expected: expected.dims.to_vec(),
-            found: found.dims.to_vec(),
+            expected: expected.to_vec(),
+            found: found.to_vec(),
         },
         ApplyError::DTypeMismatch { path: tensor, .. }
         | ApplyError::AdapterError { path: tensor, .. }
@@ -203,7 +227,11 @@ impl ModuleAdapter for CastFloat {
 /// The weights file of one component folder, as diffusers names it: `<stem>.safetensors`, or
 /// `<stem>.<variant>.safetensors` for a variant such as `fp16`. `stem` is
 /// `diffusion_pytorch_model` for diffusers models and `model` for transformers' text encoder.
-pub fn weights_file(dir: impl AsRef<Path>, stem: &str, variant: Option<&str>) -> Result<std::path::PathBuf, LoadError> {
+pub fn weights_file(
+    dir: impl AsRef<Path>,
+    stem: &str,
+    variant: Option<&str>,
+) -> Result<std::path::PathBuf, LoadError> {
     let name = match variant {
         Some(v) => format!("{stem}.{v}.safetensors"),
         None => format!("{stem}.safetensors"),

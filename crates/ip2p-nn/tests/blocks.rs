@@ -35,8 +35,16 @@ fn resnet_with_time_embedding() {
 fn resnet_without_time_embedding() {
     let device = Default::default();
     let fx = Fixture::open("blocks/resnet_plain/io.safetensors");
-    let block = load(ResnetBlock2DConfig::new(64).init::<B>(&device), "resnet_plain");
-    assert_fixture(&fx, "output", block.forward(fx.tensor("x", &device), None), TOL);
+    let block = load(
+        ResnetBlock2DConfig::new(64).init::<B>(&device),
+        "resnet_plain",
+    );
+    assert_fixture(
+        &fx,
+        "output",
+        block.forward(fx.tensor("x", &device), None),
+        TOL,
+    );
 }
 
 #[test]
@@ -52,7 +60,12 @@ fn spatial_attention_as_in_the_vae() {
         .with_residual_connection(true)
         .init::<B>(&device);
     let attn = load(attn, "attn_spatial");
-    assert_fixture(&fx, "output", attn.forward_spatial(fx.tensor("x", &device)), TOL);
+    assert_fixture(
+        &fx,
+        "output",
+        attn.forward_spatial(fx.tensor("x", &device)),
+        TOL,
+    );
 }
 
 #[test]
@@ -86,7 +99,11 @@ fn self_attention_every_implementation() {
     };
     let naive = run(AttentionImpl::Naive);
     assert_fixture(&fx, "output", naive.clone(), TOL);
-    for imp in [AttentionImpl::Fused, AttentionImpl::Chunked(64), AttentionImpl::Chunked(7)] {
+    for imp in [
+        AttentionImpl::Fused,
+        AttentionImpl::Chunked(64),
+        AttentionImpl::Chunked(7),
+    ] {
         assert_close(&format!("{imp:?} vs naive"), run(imp), naive.clone(), 1e-6);
     }
 }
@@ -97,22 +114,50 @@ fn causal_attention_every_implementation() {
     let device = Default::default();
     let fx = Fixture::open("blocks/attn_self/io.safetensors");
     let x: Tensor<B, 3> = fx.tensor("x", &device);
-    let qkv = x.slice([0..2, 0..40, 0..64]).reshape([2, 40, 2, 32]).swap_dims(1, 2);
-    let naive = scaled_dot_product(qkv.clone(), qkv.clone() * 0.5, qkv.clone(), true, AttentionImpl::Naive);
-    for imp in [AttentionImpl::Fused, AttentionImpl::Chunked(16), AttentionImpl::Chunked(3)] {
+    let qkv = x
+        .slice([0..2, 0..40, 0..64])
+        .reshape([2, 40, 2, 32])
+        .swap_dims(1, 2);
+    let naive = scaled_dot_product(
+        qkv.clone(),
+        qkv.clone() * 0.5,
+        qkv.clone(),
+        true,
+        AttentionImpl::Naive,
+    );
+    for imp in [
+        AttentionImpl::Fused,
+        AttentionImpl::Chunked(16),
+        AttentionImpl::Chunked(3),
+    ] {
         let out = scaled_dot_product(qkv.clone(), qkv.clone() * 0.5, qkv.clone(), true, imp);
-        assert_close(&format!("causal {imp:?} vs naive"), out, naive.clone(), 1e-6);
+        assert_close(
+            &format!("causal {imp:?} vs naive"),
+            out,
+            naive.clone(),
+            1e-6,
+        );
     }
     // The first query sees only the first key, so its output is that key's value.
     let first = naive.slice([0..2, 0..2, 0..1, 0..32]);
-    assert_close("causal first row", first, qkv.slice([0..2, 0..2, 0..1, 0..32]), 1e-6);
+    assert_close(
+        "causal first row",
+        first,
+        qkv.slice([0..2, 0..2, 0..1, 0..32]),
+        1e-6,
+    );
 }
 
 #[test]
 fn downsample_with_padding_as_in_the_unet() {
     let device = Default::default();
     let fx = Fixture::open("blocks/down_unet/io.safetensors");
-    let down = load(Downsample2DConfig::new(32).with_out_channels(Some(64)).init::<B>(&device), "down_unet");
+    let down = load(
+        Downsample2DConfig::new(32)
+            .with_out_channels(Some(64))
+            .init::<B>(&device),
+        "down_unet",
+    );
     assert_fixture(&fx, "output", down.forward(fx.tensor("x", &device)), TOL);
 }
 
@@ -120,7 +165,12 @@ fn downsample_with_padding_as_in_the_unet() {
 fn downsample_without_padding_as_in_the_vae() {
     let device = Default::default();
     let fx = Fixture::open("blocks/down_vae/io.safetensors");
-    let down = load(Downsample2DConfig::new(32).with_padding(0).init::<B>(&device), "down_vae");
+    let down = load(
+        Downsample2DConfig::new(32)
+            .with_padding(0)
+            .init::<B>(&device),
+        "down_vae",
+    );
     assert_fixture(&fx, "output", down.forward(fx.tensor("x", &device)), TOL);
 }
 

@@ -34,7 +34,9 @@ fn forward(block: &ResnetBlock2D<B>, dtype: DType) -> Tensor<B, 4> {
     let fx = Fixture::open("blocks/resnet_temb/io.safetensors");
     let x: Tensor<B, 4> = fx.tensor("x", &device);
     let t: Tensor<B, 2> = fx.tensor("temb", &device);
-    block.forward(x.cast(dtype), Some(t.cast(dtype))).cast(DType::F32)
+    block
+        .forward(x.cast(dtype), Some(t.cast(dtype)))
+        .cast(DType::F32)
 }
 
 #[test]
@@ -43,7 +45,12 @@ fn f32_file_loads_exact_values() {
     let fx = Fixture::open("blocks/resnet_temb/weights.safetensors");
     let bias = block.conv1.bias.as_ref().unwrap().val();
     assert_eq!(bias.dtype(), DType::F32);
-    assert_close("conv1.bias", bias, fx.tensor("conv1.bias", &Default::default()), 0.0);
+    assert_close(
+        "conv1.bias",
+        bias,
+        fx.tensor("conv1.bias", &Default::default()),
+        0.0,
+    );
     // Linear weights are transposed from PyTorch's [out, in] to Burn's [in, out].
     let w = block.time_emb_proj.as_ref().unwrap().weight.val();
     assert_eq!(w.dims(), [128, 64]);
@@ -51,7 +58,12 @@ fn f32_file_loads_exact_values() {
     assert_close("time_emb_proj.weight", w, expected.transpose(), 0.0);
     // GroupNorm weight/bias become gamma/beta.
     let gamma = block.norm1.gamma.as_ref().unwrap().val();
-    assert_close("norm1.weight", gamma, fx.tensor("norm1.weight", &Default::default()), 0.0);
+    assert_close(
+        "norm1.weight",
+        gamma,
+        fx.tensor("norm1.weight", &Default::default()),
+        0.0,
+    );
 }
 
 /// Half-precision files load into an f32 model. The output differs from the f32 file's only
@@ -74,7 +86,10 @@ fn f32_file_loads_into_f16_model() {
     let reference = forward(&load(good(""), DType::F32).unwrap(), DType::F32);
     let block = load(good(""), DType::F16).unwrap();
     assert_eq!(block.conv1.weight.val().dtype(), DType::F16);
-    assert_eq!(block.norm1.gamma.as_ref().unwrap().val().dtype(), DType::F16);
+    assert_eq!(
+        block.norm1.gamma.as_ref().unwrap().val().dtype(),
+        DType::F16
+    );
     assert_close("f16 model", forward(&block, DType::F16), reference, 5e-3);
 }
 
@@ -92,7 +107,9 @@ fn missing_tensor_is_named() {
 #[test]
 fn unexpected_tensor_is_named() {
     match load(broken("unexpected_tensor.safetensors"), DType::F32) {
-        Err(LoadError::UnexpectedTensors { keys, .. }) => assert_eq!(keys, vec!["conv3.weight".to_string()]),
+        Err(LoadError::UnexpectedTensors { keys, .. }) => {
+            assert_eq!(keys, vec!["conv3.weight".to_string()])
+        }
         other => panic!("expected UnexpectedTensors, got {other:?}"),
     }
 }
@@ -100,7 +117,15 @@ fn unexpected_tensor_is_named() {
 #[test]
 fn ignored_entries_are_not_unexpected() {
     let spec = WeightSpec::new().ignore(r"^conv3\.");
-    assert!(load_safetensors(block(), broken("unexpected_tensor.safetensors"), &spec, DType::F32).is_ok());
+    assert!(
+        load_safetensors(
+            block(),
+            broken("unexpected_tensor.safetensors"),
+            &spec,
+            DType::F32
+        )
+        .is_ok()
+    );
 }
 
 #[test]
@@ -145,7 +170,12 @@ fn integer_tensor_is_an_unsupported_dtype() {
 
 #[test]
 fn damaged_files_are_corrupt() {
-    for name in ["truncated.safetensors", "corrupt_header.safetensors", "header_too_long.safetensors", "empty.safetensors"] {
+    for name in [
+        "truncated.safetensors",
+        "corrupt_header.safetensors",
+        "header_too_long.safetensors",
+        "empty.safetensors",
+    ] {
         match load(broken(name), DType::F32) {
             Err(e @ LoadError::Corrupt { .. }) => assert!(e.to_string().contains(name), "{e}"),
             other => panic!("{name}: expected Corrupt, got {other:?}"),
@@ -163,7 +193,11 @@ fn absent_file_is_an_io_error() {
 #[test]
 fn weights_file_finds_variants() {
     let dir = fixtures_dir().join("models/tiny/unet");
-    assert!(weights_file(&dir, "diffusion_pytorch_model", None).unwrap().ends_with("diffusion_pytorch_model.safetensors"));
+    assert!(
+        weights_file(&dir, "diffusion_pytorch_model", None)
+            .unwrap()
+            .ends_with("diffusion_pytorch_model.safetensors")
+    );
     assert!(
         weights_file(&dir, "diffusion_pytorch_model", Some("fp16"))
             .unwrap()
@@ -171,7 +205,11 @@ fn weights_file_finds_variants() {
     );
     let wide = fixtures_dir().join("models/wide/unet");
     let err = weights_file(&wide, "diffusion_pytorch_model", Some("fp16")).unwrap_err();
-    assert!(err.to_string().contains("diffusion_pytorch_model.fp16.safetensors"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("diffusion_pytorch_model.fp16.safetensors"),
+        "{err}"
+    );
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -189,7 +227,10 @@ fn config_errors_name_file_and_field() {
     let err = read_config::<Partial>(broken("vae_wrong_value.json")).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, LoadError::Config { .. }));
-    assert!(msg.contains("vae_wrong_value.json") && msg.contains("four"), "{msg}");
+    assert!(
+        msg.contains("vae_wrong_value.json") && msg.contains("four"),
+        "{msg}"
+    );
 
     let err = read_config::<Partial>(broken("not_json.json")).unwrap_err();
     assert!(matches!(err, LoadError::Config { .. }), "{err:?}");
@@ -201,6 +242,14 @@ fn config_errors_name_file_and_field() {
 #[test]
 fn per_block_values_expand() {
     assert_eq!(PerBlock::One(8).expand(3, "heads").unwrap(), vec![8, 8, 8]);
-    assert_eq!(PerBlock::Each(vec![2, 4]).expand(2, "heads").unwrap(), vec![2, 4]);
-    assert!(PerBlock::Each(vec![2, 4]).expand(3, "heads").unwrap_err().contains("heads"));
+    assert_eq!(
+        PerBlock::Each(vec![2, 4]).expand(2, "heads").unwrap(),
+        vec![2, 4]
+    );
+    assert!(
+        PerBlock::Each(vec![2, 4])
+            .expand(3, "heads")
+            .unwrap_err()
+            .contains("heads")
+    );
 }
