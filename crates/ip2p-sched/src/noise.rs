@@ -1,0 +1,75 @@
+//! A small seeded normal generator for stochastic steps when the caller passes no noise.
+//!
+//! Host-side (xoshiro256++ seeded through splitmix64, Box–Muller for the normals), so a seed
+//! gives the same noise on every backend and device. It is not torch's generator: a run that
+//! must match diffusers passes diffusers' noise to `step` instead.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+/// Seeded standard normal noise.
+#[derive(Debug, Clone)]
+pub struct NoiseRng {
+    s: [u64; 4],
+    spare: Option<f64>,
+}
+
+impl NoiseRng {
+    pub fn new(seed: u64) -> Self {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Self {
+            s: [next(), next(), next(), next()],
+            spare: None,
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.s;
+        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in (0, 1].
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+
+    /// One standard normal value.
+    pub fn next_normal(&mut self) -> f64 {
+        if let Some(v) = self.spare.take() {
+            return v;
+        }
+        let (u1, u2) = (self.uniform(), self.uniform());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        self.spare = Some(r * theta.sin());
+        r * theta.cos()
+    }
+
+    /// An f32 tensor of standard normal values.
+    pub fn normal<B: Backend>(&mut self, shape: [usize; 4], device: &B::Device) -> Tensor<B, 4> {
+        let n = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| self.next_normal() as f32).collect();
+        crate::to_f32(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+}
+
+impl Default for NoiseRng {
+    fn default() -> Self {
+        Self::new(0)
+    }
+}
