@@ -36,8 +36,6 @@ pub enum SchedError {
     TimestepNotInSchedule { t: f64 },
     #[error("timestep {t} is not an integer in 0..{train}")]
     TimestepOutOfRange { t: f64, train: usize },
-    #[error("the schedule is finished: no step after index {index}")]
-    ScheduleFinished { index: usize },
     #[error("{what} has shape {found:?}, expected {expected:?}")]
     Shape {
         what: &'static str,
