@@ -1,0 +1,408 @@
+//! Images in and out: PNG/JPEG/WebP files, RGB conversion, the resize rules of diffusers and of
+//! the original InstructPix2Pix, and conversion to and from [-1, 1] tensors.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use image::{DynamicImage, ImageFormat, RgbImage};
+
+use crate::error::VaeError;
+
+/// The smallest side ip2p accepts: one latent pixel of SD 1.5.
+pub const MIN_SIDE: u32 = 8;
+
+/// How an input image is brought to a size the VAE takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResizeRule {
+    /// diffusers' `VaeImageProcessor`: each side down to a multiple of `multiple` (8 for SD 1.5),
+    /// Lanczos, no crop. A side that is already a multiple is left alone.
+    #[default]
+    Diffusers,
+    /// The original InstructPix2Pix `edit_cli.py`: scale so the long side is about
+    /// `resolution` (512), short side rounded up and both sides down to multiples of 64, then
+    /// `ImageOps.fit` (centre crop to the aspect ratio, Lanczos).
+    Ip2p { resolution: u32 },
+    /// Leave the size alone (it must already be a multiple of the VAE's factor).
+    None,
+}
+
+/// Read a PNG, JPEG or WebP file as 8-bit RGB (alpha dropped, greyscale expanded).
+pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage, VaeError> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|source| VaeError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    decode_image(&bytes, path)
+}
+
+/// Decode image bytes; `name` is only used in errors.
+pub fn decode_image(bytes: &[u8], name: impl AsRef<Path>) -> Result<RgbImage, VaeError> {
+    let path = name.as_ref().to_path_buf();
+    if bytes.is_empty() {
+        return Err(VaeError::EmptyImage { path });
+    }
+    let format = image::guess_format(bytes).map_err(|e| VaeError::CorruptImage {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    if !matches!(
+        format,
+        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP
+    ) {
+        return Err(VaeError::CorruptImage {
+            path,
+            reason: format!("{format:?} is not supported"),
+        });
+    }
+    let img =
+        image::load_from_memory_with_format(bytes, format).map_err(|e| VaeError::CorruptImage {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    let rgb = to_rgb(img);
+    check_size(&rgb, &path)?;
+    Ok(rgb)
+}
+
+/// RGB of any decoded image: alpha is dropped (not composited, as PIL's `convert("RGB")`),
+/// grey is copied to all three channels, 16-bit and float are brought to 8 bits.
+pub fn to_rgb(img: DynamicImage) -> RgbImage {
+    match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => other.to_rgb8(),
+    }
+}
+
+fn check_size(img: &RgbImage, path: &Path) -> Result<(), VaeError> {
+    let (width, height) = img.dimensions();
+    if width < MIN_SIDE || height < MIN_SIDE {
+        return Err(VaeError::ImageTooSmall {
+            path: path.to_path_buf(),
+            width,
+            height,
+            min: MIN_SIDE,
+        });
+    }
+    Ok(())
+}
+
+/// Write `img` as PNG, JPEG (quality 95) or lossless WebP, chosen by the file extension.
+pub fn save_image(img: &RgbImage, path: impl AsRef<Path>) -> Result<(), VaeError> {
+    let path = path.as_ref();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let encode_err = |e: image::ImageError| VaeError::Encode {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut buf = Cursor::new(Vec::new());
+    match ext.as_deref() {
+        Some("png") => img
+            .write_to(&mut buf, ImageFormat::Png)
+            .map_err(encode_err)?,
+        Some("jpg" | "jpeg") => {
+            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 95);
+            img.write_with_encoder(enc).map_err(encode_err)?
+        }
+        Some("webp") => {
+            let enc = image::codecs::webp::WebPEncoder::new_lossless(&mut buf);
+            img.write_with_encoder(enc).map_err(encode_err)?
+        }
+        _ => {
+            return Err(VaeError::UnsupportedFormat {
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    std::fs::write(path, buf.into_inner()).map_err(|source| VaeError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The output size of a rule for a `width × height` input; `multiple` is the VAE's factor.
+pub fn target_size(width: u32, height: u32, rule: ResizeRule, multiple: u32) -> (u32, u32) {
+    match rule {
+        ResizeRule::Diffusers => (width - width % multiple, height - height % multiple),
+        ResizeRule::Ip2p { resolution } => ip2p_size(width, height, resolution),
+        ResizeRule::None => (width, height),
+    }
+}
+
+/// edit_cli.py's arithmetic, in f64 as Python does it.
+fn ip2p_size(width: u32, height: u32, resolution: u32) -> (u32, u32) {
+    let (w, h) = (width as f64, height as f64);
+    let factor = resolution as f64 / w.max(h);
+    let short = w.min(h);
+    let factor = (short * factor / 64.0).ceil() * 64.0 / short;
+    let w = ((w * factor) / 64.0).floor() as u32 * 64;
+    let h = ((h * factor) / 64.0).floor() as u32 * 64;
+    (w, h)
+}
+
+/// Bring an image to a size the VAE takes (`multiple`: the VAE's downscale factor, 8).
+///
+/// Errors when the result would be smaller than `multiple` on a side.
+pub fn resize_for_vae(
+    img: &RgbImage,
+    rule: ResizeRule,
+    multiple: u32,
+) -> Result<RgbImage, VaeError> {
+    let (w, h) = img.dimensions();
+    let (tw, th) = target_size(w, h, rule, multiple);
+    if tw < multiple.max(1) || th < multiple.max(1) || tw % multiple != 0 || th % multiple != 0 {
+        return Err(VaeError::Input(format!(
+            "an image of {w}×{h} becomes {tw}×{th} under {rule:?}, which the VAE cannot take (sides must be positive multiples of {multiple})"
+        )));
+    }
+    Ok(match rule {
+        ResizeRule::Ip2p { .. } => fit(img, tw, th),
+        _ => resize_lanczos(img, tw, th),
+    })
+}
+
+/// PIL's `Image.resize(size, LANCZOS)`.
+pub fn resize_lanczos(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    resize_box(img, width, height, [0.0, 0.0, w as f64, h as f64])
+}
+
+/// PIL's `ImageOps.fit(img, size, LANCZOS)` (no bleed, centred): crop the largest centred
+/// region of the target's aspect ratio (fractional edges allowed) and resize it.
+pub fn fit(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    let (w, h) = (img.width() as f64, img.height() as f64);
+    let live_ratio = w / h;
+    let out_ratio = width as f64 / height as f64;
+    let (cw, ch) = if live_ratio == out_ratio {
+        (w, h)
+    } else if live_ratio >= out_ratio {
+        (out_ratio * h, h)
+    } else {
+        (w, w / out_ratio)
+    };
+    let left = (w - cw) * 0.5;
+    let top = (h - ch) * 0.5;
+    resize_box(img, width, height, [left, top, left + cw, top + ch])
+}
+
+/// PIL's 8-bit Lanczos resample of the region `bbox` (x0, y0, x1, y1) of `img`, ported from
+/// Pillow's `Resample.c`: separable, horizontal pass first, 22-bit fixed-point coefficients,
+/// each pass rounded and clipped to 8 bits. Matches PIL's output exactly (see the tests).
+pub fn resize_box(img: &RgbImage, width: u32, height: u32, bbox: [f64; 4]) -> RgbImage {
+    let (iw, ih) = img.dimensions();
+    let (ow, oh) = (width as usize, height as usize);
+    if ow == 0 || oh == 0 {
+        return RgbImage::new(width, height);
+    }
+    let need_h = width != iw || bbox[0] != 0.0 || bbox[2] != width as f64;
+    let need_v = height != ih || bbox[1] != 0.0 || bbox[3] != height as f64;
+    let horiz = Coeffs::new(iw as usize, bbox[0], bbox[2], ow);
+    let vert = Coeffs::new(ih as usize, bbox[1], bbox[3], oh);
+    let src: &[u8] = img.as_raw();
+
+    // Horizontal pass over the rows the vertical pass will read.
+    let (tmp, tmp_w, row0) = if need_h {
+        let first = vert.bounds[0].0;
+        let last = vert.bounds[oh - 1].0 + vert.bounds[oh - 1].1;
+        let rows = last - first;
+        let mut tmp = vec![0u8; rows * ow * 3];
+        for y in 0..rows {
+            let in_row = &src[(first + y) * iw as usize * 3..][..iw as usize * 3];
+            for x in 0..ow {
+                let (xmin, n) = horiz.bounds[x];
+                let k = &horiz.k[x * horiz.ksize..][..n];
+                for c in 0..3 {
+                    let mut ss = 1i64 << (PRECISION_BITS - 1);
+                    for (t, kk) in k.iter().enumerate() {
+                        ss += in_row[(xmin + t) * 3 + c] as i64 * *kk as i64;
+                    }
+                    tmp[(y * ow + x) * 3 + c] = clip8(ss);
+                }
+            }
+        }
+        (tmp, ow, first)
+    } else {
+        (src.to_vec(), iw as usize, 0)
+    };
+    if !need_v {
+        return RgbImage::from_raw(width, height, tmp)
+            .unwrap_or_else(|| RgbImage::new(width, height));
+    }
+    let mut out = vec![0u8; oh * ow * 3];
+    for y in 0..oh {
+        let (ymin, n) = vert.bounds[y];
+        let ymin = ymin - row0;
+        let k = &vert.k[y * vert.ksize..][..n];
+        for x in 0..ow {
+            for c in 0..3 {
+                let mut ss = 1i64 << (PRECISION_BITS - 1);
+                for (t, kk) in k.iter().enumerate() {
+                    ss += tmp[((ymin + t) * tmp_w + x) * 3 + c] as i64 * *kk as i64;
+                }
+                out[(y * ow + x) * 3 + c] = clip8(ss);
+            }
+        }
+    }
+    RgbImage::from_raw(width, height, out).unwrap_or_else(|| RgbImage::new(width, height))
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn clip8(ss: i64) -> u8 {
+    (ss >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+fn lanczos(x: f64) -> f64 {
+    fn sinc(x: f64) -> f64 {
+        if x == 0.0 {
+            1.0
+        } else {
+            let x = x * std::f64::consts::PI;
+            x.sin() / x
+        }
+    }
+    if (-3.0..3.0).contains(&x) {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for one axis.
+struct Coeffs {
+    ksize: usize,
+    /// (first input index, number of taps) per output index.
+    bounds: Vec<(usize, usize)>,
+    k: Vec<i32>,
+}
+
+impl Coeffs {
+    fn new(in_size: usize, in0: f64, in1: f64, out_size: usize) -> Self {
+        let scale = (in1 - in0) / out_size as f64;
+        let filterscale = scale.max(1.0);
+        let support = 3.0 * filterscale;
+        let ksize = support.ceil() as usize * 2 + 1;
+        let mut bounds = Vec::with_capacity(out_size);
+        let mut k = vec![0i32; out_size * ksize];
+        let mut w = vec![0f64; ksize];
+        for xx in 0..out_size {
+            let center = in0 + (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            // C's (int) truncates toward zero.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64)
+                .min(in_size as i64)
+                .max(xmin as i64) as usize;
+            let n = (xmax - xmin).min(ksize);
+            let mut ww = 0.0;
+            for (x, wx) in w.iter_mut().enumerate().take(n) {
+                *wx = lanczos((x as f64 + xmin as f64 - center + 0.5) * ss);
+                ww += *wx;
+            }
+            for x in 0..n {
+                let v = if ww != 0.0 { w[x] / ww } else { w[x] };
+                let scaled = v * (1i64 << PRECISION_BITS) as f64;
+                k[xx * ksize + x] = if v < 0.0 {
+                    (scaled - 0.5) as i32
+                } else {
+                    (scaled + 0.5) as i32
+                };
+            }
+            bounds.push((xmin, n));
+        }
+        Self { ksize, bounds, k }
+    }
+}
+
+/// Stack equally sized RGB images into `[n, 3, h, w]` in [-1, 1] (`2·(v/255) - 1`, as
+/// diffusers' `VaeImageProcessor.preprocess`), in `dtype`.
+pub fn images_to_tensor<B: Backend>(
+    images: &[RgbImage],
+    device: &B::Device,
+    dtype: DType,
+) -> Result<Tensor<B, 4>, VaeError> {
+    let first = images
+        .first()
+        .ok_or_else(|| VaeError::Input("no images to convert".into()))?;
+    let (w, h) = first.dimensions();
+    if let Some(other) = images.iter().find(|i| i.dimensions() != (w, h)) {
+        return Err(VaeError::Input(format!(
+            "images of different sizes cannot share a batch: {w}×{h} and {}×{}",
+            other.width(),
+            other.height()
+        )));
+    }
+    let (w, h) = (w as usize, h as usize);
+    let mut data = Vec::with_capacity(images.len() * 3 * h * w);
+    for img in images {
+        let raw = img.as_raw();
+        for c in 0..3 {
+            data.extend(
+                raw[c..]
+                    .iter()
+                    .step_by(3)
+                    .map(|&v| (v as f32 / 255.0) * 2.0 - 1.0),
+            );
+        }
+    }
+    let t: Tensor<B, 4> = Tensor::from_data(TensorData::new(data, [images.len(), 3, h, w]), device);
+    Ok(t.cast(dtype))
+}
+
+/// `[n, 3, h, w]` images in [-1, 1] → 8-bit RGB: `round(clamp(x/2 + 0.5, 0, 1)·255)` with
+/// ties to even, exactly as diffusers' `postprocess` + `numpy_to_pil`.
+pub fn tensor_to_images<B: Backend>(x: Tensor<B, 4>) -> Result<Vec<RgbImage>, VaeError> {
+    let [n, c, h, w] = x.dims();
+    if c != 3 {
+        return Err(VaeError::Channels {
+            what: "image tensor",
+            expected: 3,
+            found: c,
+            shape: [n, c, h, w],
+        });
+    }
+    let vals: Vec<f32> = x
+        .cast(DType::F32)
+        .mul_scalar(0.5)
+        .add_scalar(0.5)
+        .clamp(0.0, 1.0)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| VaeError::Input(format!("image tensor: {e:?}")))?;
+    let plane = h * w;
+    (0..n)
+        .map(|i| {
+            let mut raw = vec![0u8; plane * 3];
+            for ch in 0..3 {
+                let src = &vals[(i * 3 + ch) * plane..][..plane];
+                for (p, v) in src.iter().enumerate() {
+                    raw[p * 3 + ch] = (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8;
+                }
+            }
+            RgbImage::from_raw(w as u32, h as u32, raw)
+                .ok_or_else(|| VaeError::Input("image tensor: size overflow".into()))
+        })
+        .collect()
+}
+
+/// Load image files and make them one batch for [`crate::AutoencoderKL::encode`]: RGB, resized by
+/// `rule`, to `[n, 3, h, w]` in [-1, 1].
+pub fn load_batch<B: Backend>(
+    paths: &[PathBuf],
+    rule: ResizeRule,
+    multiple: u32,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<Tensor<B, 4>, VaeError> {
+    let images = paths
+        .iter()
+        .map(|p| resize_for_vae(&load_image(p)?, rule, multiple))
+        .collect::<Result<Vec<_>, _>>()?;
+    images_to_tensor(&images, device, dtype)
+}
