@@ -1,1 +1,21 @@
-//! ip2p-pipeline
+//! The InstructPix2Pix edit pipeline.
+//!
+//! [`run_diffusion_inference_batch`] is the one denoising loop: images or image latents in,
+//! images or latents out, prompts as text, token ids or embeddings, with per-stage time and
+//! memory ([`RunReport`]). [`Ip2pModel`] loads a diffusers folder and calls it.
+
+pub mod batching;
+pub mod edit;
+pub mod error;
+pub mod memory;
+pub mod model;
+pub mod report;
+
+pub use batching::ActivationModel;
+pub use edit::{
+    EditOptions, EditOutput, Flow, Prompts, RunSettings, StepInfo, run_diffusion_inference_batch,
+};
+pub use error::PipelineError;
+pub use memory::{CountingAllocator, MemoryProbe, NoProbe, SampledPeak};
+pub use model::{Ip2pModel, LoadOptions};
+pub use report::{RunReport, Stage, StageRecord};

@@ -1,0 +1,181 @@
+//! A diffusers InstructPix2Pix folder, loaded onto a device.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+use ip2p_nn::{AttentionImpl, default_float_dtype};
+use ip2p_sched::{NoiseRng, Scheduler, SchedulerConfig, SchedulerKind};
+use ip2p_text::{ClipTextModel, ClipTokenizer, PromptEncoder};
+use ip2p_unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use ip2p_vae::{AutoencoderKL, VaeConfig};
+
+use crate::batching::ActivationModel;
+use crate::edit::{EditOutput, Prompts, RunSettings, run_diffusion_inference_batch};
+use crate::error::PipelineError;
+
+/// Which parts to load, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadOptions {
+    /// Dtype of the UNet and text encoder (the VAE always runs in f32, as diffusers
+    /// recommends: its decoder overflows f16). `None`: the backend's default float.
+    pub dtype: Option<DType>,
+    /// Weight file variant, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`.
+    pub variant: Option<String>,
+    /// Load the VAE (not needed for latent-in, latent-out work).
+    pub vae: bool,
+    /// Load the tokenizer and text encoder (not needed when prompts come as embeddings).
+    pub text_encoder: bool,
+    pub attention: AttentionImpl,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: None,
+            variant: None,
+            vae: true,
+            text_encoder: true,
+            attention: AttentionImpl::default(),
+        }
+    }
+}
+
+/// The parts of an InstructPix2Pix model.
+pub struct Ip2pModel<B: Backend> {
+    pub dir: PathBuf,
+    pub unet: UNet2DConditionModel<B>,
+    pub vae: Option<AutoencoderKL<B>>,
+    pub text: Option<PromptEncoder<B>>,
+    pub scheduler_config: SchedulerConfig,
+    /// For resolution-aware batch sizing.
+    pub activation_model: ActivationModel,
+    pub device: B::Device,
+}
+
+#[derive(serde::Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: Option<String>,
+}
+
+impl<B: Backend> Ip2pModel<B> {
+    /// Load a diffusers InstructPix2Pix folder (model_index.json, unet/, vae/, text_encoder/,
+    /// tokenizer/, scheduler/). A folder whose UNet does not take noise + image latents (a
+    /// 4-channel SD UNet) is refused before any weights are read.
+    pub fn load(
+        dir: impl AsRef<Path>,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<Self, PipelineError> {
+        let dir = dir.as_ref().to_path_buf();
+        let index: ModelIndex = ip2p_nn::read_config(dir.join("model_index.json"))?;
+        let not_ip2p = |reason: String| PipelineError::NotInstructPix2Pix {
+            path: dir.clone(),
+            reason,
+        };
+        let unet_config = UNet2DConditionConfig::from_file(dir.join("unet").join("config.json"))?;
+        let plan = unet_config.resolve()?;
+        if plan.in_channels != 2 * plan.out_channels {
+            return Err(not_ip2p(format!(
+                "its UNet takes {} input channels for {} latent channels (InstructPix2Pix: noise + image latents = 8)",
+                plan.in_channels, plan.out_channels
+            )));
+        }
+        if let Some(class) = &index.class_name
+            && !class.contains("Pix2Pix")
+            && !class.starts_with("StableDiffusion")
+        {
+            return Err(not_ip2p(format!(
+                "model_index.json names the pipeline {class}"
+            )));
+        }
+
+        let dtype = options.dtype.unwrap_or_else(default_float_dtype::<B>);
+        let variant = options.variant.as_deref();
+        let unet = UNet2DConditionModel::load(dir.join("unet"), variant, dtype, device)?
+            .with_attention_impl(options.attention);
+        let vae_config = VaeConfig::load(dir.join("vae").join("config.json"))?;
+        let vae = if options.vae {
+            Some(AutoencoderKL::load(
+                dir.join("vae"),
+                device,
+                DType::F32,
+                variant,
+            )?)
+        } else {
+            None
+        };
+        let text = if options.text_encoder {
+            let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
+            let encoder = ClipTextModel::load_as(dir.join("text_encoder"), variant, dtype, device)?
+                .with_attention_impl(options.attention);
+            Some(PromptEncoder::new(tokenizer, encoder, device)?)
+        } else {
+            None
+        };
+        let scheduler_config =
+            SchedulerConfig::from_file(dir.join("scheduler").join("scheduler_config.json"))?;
+        let activation_model = ActivationModel {
+            unet_channels: plan.block_out_channels.clone(),
+            unet_heads_level0: plan
+                .down
+                .first()
+                .filter(|l| l.cross_attention)
+                .map_or(0, |l| l.heads),
+            vae_channels: if options.vae {
+                vae_config.block_out_channels.clone()
+            } else {
+                Vec::new()
+            },
+            vae_factor: vae_config.downscale_factor(),
+            bytes_per_element: dtype.size(),
+        };
+        Ok(Self {
+            dir,
+            unet,
+            vae,
+            text,
+            scheduler_config,
+            activation_model,
+            device: device.clone(),
+        })
+    }
+
+    /// The folder's scheduler, or another class built from its config.
+    pub fn scheduler(
+        &self,
+        kind: Option<SchedulerKind>,
+    ) -> Result<Box<dyn Scheduler<B>>, PipelineError> {
+        Ok(ip2p_sched::build::<B>(&self.scheduler_config, kind)?)
+    }
+
+    /// Edit a batch with this model's parts (see [`run_diffusion_inference_batch`]).
+    pub fn edit(
+        &self,
+        scheduler: &mut dyn Scheduler<B>,
+        images_or_latents: Tensor<B, 4>,
+        prompts: Prompts<B>,
+        input_is_latents: bool,
+        return_latents: bool,
+        mut settings: RunSettings<'_, B>,
+    ) -> Result<EditOutput<B>, PipelineError> {
+        let mut generator = NoiseRng::new(settings.options.seed);
+        if settings.activation_model.is_none() {
+            settings.activation_model = Some(self.activation_model.clone());
+        }
+        run_diffusion_inference_batch(
+            &self.unet,
+            self.vae.as_ref(),
+            self.text.as_ref(),
+            scheduler,
+            images_or_latents,
+            prompts,
+            &self.device,
+            &mut generator,
+            input_is_latents,
+            return_latents,
+            settings,
+        )
+    }
+}
