@@ -186,10 +186,8 @@ impl<B: Backend> MidBlock<B> {
     ) -> Tensor<B, 4> {
         let mut x = x;
         for (i, resnet) in self.resnets.iter().enumerate() {
-            if i > 0 {
-                if let Some(attn) = self.attentions.get(i - 1) {
-                    x = attn.forward(x, context.clone());
-                }
+            if let Some(attn) = i.checked_sub(1).and_then(|j| self.attentions.get(j)) {
+                x = attn.forward(x, context.clone());
             }
             x = resnet.forward(x, Some(temb.clone()));
         }

@@ -181,6 +181,14 @@ impl UnetPlan {
     }
 }
 
+/// A field that must be null or pass the check: (name, value, accepted, what is supported).
+type Check<'a> = (
+    &'static str,
+    &'a Option<Value>,
+    &'a dyn Fn(&Value) -> bool,
+    &'static str,
+);
+
 /// `Some(v)` where `v` is neither null nor `allowed`'s accepted value.
 fn set(v: &Option<Value>, allowed: &dyn Fn(&Value) -> bool) -> Option<String> {
     match v {
@@ -346,7 +354,7 @@ impl UNet2DConditionConfig {
                 });
             }
         }
-        if !(self.norm_eps > 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             return Err(invalid(format!(
                 "norm_eps = {} must be positive",
                 self.norm_eps
@@ -384,12 +392,7 @@ impl UNet2DConditionConfig {
         };
         let is_str = |s: &'static str| move |v: &Value| v.as_str() == Some(s);
         let none = |_: &Value| false;
-        let checks: [(
-            &'static str,
-            &Option<Value>,
-            &dyn Fn(&Value) -> bool,
-            &'static str,
-        ); 19] = [
+        let checks: [Check; 19] = [
             (
                 "only_cross_attention",
                 &self.only_cross_attention,
