@@ -48,7 +48,11 @@ impl<B: Backend> Downsample2D<B> {
     /// `[batch, c, h, w]` → `[batch, out, ⌈h/2⌉, ⌈w/2⌉]`.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let x = if self.pad_after {
-            x.pad((0, 1, 0, 1), 0.0)
+            // Not `Tensor::pad`: in Burn 0.21 it fills in the default float dtype, which
+            // fails on an f16 tensor. Zeros in x's own dtype, then x in the top-left corner.
+            let [b, c, h, w] = x.dims();
+            let padded = Tensor::<B, 4>::zeros([b, c, h + 1, w + 1], (&x.device(), x.dtype()));
+            padded.slice_assign([0..b, 0..c, 0..h, 0..w], x)
         } else {
             x
         };
