@@ -279,7 +279,8 @@ impl<B: Backend> DiagonalGaussian<B> {
     }
 }
 
-/// diffusers' `AutoencoderKL` for Stable Diffusion.
+/// The weights and layers of diffusers' `AutoencoderKL` (a Burn module; field names are the
+/// weight keys). [`AutoencoderKL`] wraps it with its config and memory options.
 #[derive(Module, Debug)]
 pub struct AutoencoderKLModule<B: Backend> {
     pub encoder: Encoder<B>,

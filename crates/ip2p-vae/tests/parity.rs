@@ -202,6 +202,26 @@ fn fp16_weights_load_into_an_f32_vae() {
     println!("fp16 weights: mean {m:?}");
 }
 
+#[test]
+fn an_f16_vae_runs_and_stays_close() {
+    let device = Default::default();
+    let fx = Fixture::open("vae/tiny.safetensors");
+    let vae = AutoencoderKL::<B>::load(model_dir("tiny"), &device, DType::F16, None).unwrap();
+    let post = vae.encode(fx.tensor("image", &device)).unwrap();
+    assert_eq!(post.mean.dtype(), DType::F16);
+    // f16 activations (11-bit mantissa) through ~20 layers: ~1e-3 relative; 2e-2 bound.
+    let m = assert_fixture(&fx, "mean", post.mean.cast(DType::F32), 2e-2);
+    let d = assert_fixture(
+        &fx,
+        "decoded",
+        vae.decode(fx.tensor("latents", &device))
+            .unwrap()
+            .cast(DType::F32),
+        2e-2,
+    );
+    println!("f16 VAE: mean {m:?}, decoded {d:?}");
+}
+
 /// A temp dir for files a test writes.
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ip2p-vae-{tag}-{}", std::process::id()));
