@@ -1,5 +1,45 @@
 //! `ip2p`: InstructPix2Pix from the terminal.
+//!
+//! Each subcommand lives in its own module with a clap `Args` struct and a `run` function;
+//! add a variant to [`Command`] to add one.
 
-fn main() {
-    println!("ip2p: subcommands arrive with their issues");
+use clap::{Parser, Subcommand};
+
+mod backend;
+mod edit;
+mod tokenize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ip2p",
+    version,
+    about = "InstructPix2Pix in Rust: edit images with instructions"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Edit images with instructions.
+    Edit(Box<edit::EditArgs>),
+    /// Print the CLIP token ids of each prompt, one JSON array per line.
+    Tokenize(tokenize::TokenizeArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Edit(args) => edit::run(&args),
+        Command::Tokenize(args) => tokenize::run(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain of causes on one line, no backtrace: these are user errors.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

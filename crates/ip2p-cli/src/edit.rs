@@ -1,0 +1,342 @@
+//! `ip2p edit`: edit images with instructions using a diffusers InstructPix2Pix folder.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use ip2p_pipeline::{
+    EditOptions, Flow, Ip2pModel, LoadOptions, MemoryProbe, Prompts, RunSettings, StepInfo,
+};
+use ip2p_sched::SchedulerKind;
+use ip2p_vae::image_io::{ResizeRule, load_image, resize_for_vae, target_size};
+use ip2p_vae::{images_to_tensor, tensor_to_images};
+
+use crate::backend::{BackendKind, DTypeArg};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Resize {
+    /// diffusers: each side down to a multiple of 8 (Lanczos).
+    Diffusers,
+    /// The original InstructPix2Pix: long side 512, sides multiples of 64, centre crop.
+    Original,
+}
+
+#[derive(Debug, Args)]
+pub struct EditArgs {
+    /// A diffusers InstructPix2Pix folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Input image (PNG, JPEG, WebP). Repeat to edit a batch; paired in order with --prompt.
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    /// The edit instruction. Repeat, one per image.
+    #[arg(long = "prompt", required = true)]
+    pub prompts: Vec<String>,
+    /// Output image. One per input, or one name that gets `-N` suffixes for a batch.
+    #[arg(long = "output")]
+    pub outputs: Vec<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// Text guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+    /// Image guidance scale (guidance needs ≥ 1, and --guidance > 1).
+    #[arg(long, default_value_t = 1.5)]
+    pub image_guidance: f64,
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// euler-ancestral (the model's own), euler, ddim, ddpm, dpm-solver++.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Initial noise: safetensors with tensor `latents` [batch, 4, h/8, w/8], unit Gaussian.
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Write the final latents (tensor `latents`) here.
+    #[arg(long)]
+    pub output_latents: Option<PathBuf>,
+    /// Skip the VAE decode (and do not load the VAE if --image-latents is given too).
+    #[arg(long, requires = "output_latents")]
+    pub no_decode: bool,
+    /// Image latents (VAE mode(), unscaled; tensor `latents`): skips the VAE encode.
+    #[arg(long, conflicts_with = "images")]
+    pub image_latents: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+    /// Weight variant, e.g. fp16 for *.fp16.safetensors.
+    #[arg(long)]
+    pub variant: Option<String>,
+    #[arg(long, value_enum, default_value_t = Resize::Diffusers)]
+    pub resize: Resize,
+    /// Activation memory budget in MiB: a larger batch runs in chunks sized by resolution.
+    #[arg(long)]
+    pub memory_budget_mib: Option<u64>,
+    /// Release cached device memory every N steps.
+    #[arg(long)]
+    pub cleanup_every: Option<usize>,
+    /// Print a per-stage time and memory table.
+    #[arg(long)]
+    pub memory_report: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: &EditArgs) -> Result<()> {
+    crate::backend::dispatch!(args.backend, args.dtype, |device, probe| edit::<B>(
+        args, device, probe
+    ))
+}
+
+fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe) -> Result<()> {
+    let latents_in = args.image_latents.is_some();
+    let decode = !args.no_decode;
+    let n = if latents_in {
+        args.prompts.len()
+    } else {
+        args.images.len()
+    };
+    if !latents_in && args.images.is_empty() {
+        bail!("give --image (or --image-latents)");
+    }
+    if n != args.prompts.len() {
+        bail!(
+            "{} image(s) but {} prompt(s): each image needs its own --prompt",
+            n,
+            args.prompts.len()
+        );
+    }
+    let outputs = output_paths(&args.outputs, n, decode)?;
+
+    let options = LoadOptions {
+        dtype: Some(args.dtype.dtype()),
+        variant: args.variant.clone(),
+        vae: decode || !latents_in,
+        text_encoder: true,
+        ..LoadOptions::default()
+    };
+    let start = Instant::now();
+    let model = Ip2pModel::<B>::load(&args.model, &device, &options)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let load_seconds = start.elapsed().as_secs_f64();
+    let factor = model.activation_model.vae_factor as u32;
+
+    let input = if let Some(path) = &args.image_latents {
+        read_latents::<B>(path, &device)?
+    } else {
+        read_images::<B>(&args.images, args.resize, factor, &device)?
+    };
+    let init_latents = args
+        .init_latents
+        .as_ref()
+        .map(|p| read_latents::<B>(p, &device))
+        .transpose()?;
+    let kind = args
+        .scheduler
+        .as_deref()
+        .map(SchedulerKind::from_name)
+        .transpose()?;
+    let mut scheduler = model.scheduler(kind)?;
+
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(args.steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {elapsed} (eta {eta})")?
+            .progress_chars("=> "),
+    );
+    bar.set_message("denoising");
+    let mut on_step = |info: &StepInfo<'_, B>| {
+        bar.set_length(info.steps as u64);
+        bar.set_position(info.step as u64 + 1);
+        Flow::Continue
+    };
+    let settings = RunSettings {
+        options: EditOptions {
+            steps: args.steps,
+            guidance_scale: args.guidance,
+            image_guidance_scale: args.image_guidance,
+            negative_prompt: args.negative_prompt.clone(),
+            num_images_per_prompt: 1,
+            seed: args.seed,
+            cleanup_every: args.cleanup_every,
+            memory_budget: args.memory_budget_mib.map(|m| m << 20),
+        },
+        init_latents,
+        probe,
+        callback: Some(&mut on_step),
+        activation_model: None,
+    };
+    let out = model.edit(
+        scheduler.as_mut(),
+        input,
+        Prompts::Text(args.prompts.clone()),
+        latents_in,
+        !decode,
+        settings,
+    )?;
+    bar.finish_and_clear();
+
+    // Everything is computed before anything is written: a failure leaves no half output.
+    let images = if decode {
+        Some(tensor_to_images(out.output.clone())?)
+    } else {
+        None
+    };
+    if let Some(path) = &args.output_latents {
+        let latents = if decode {
+            None
+        } else {
+            Some(out.output.clone())
+        };
+        match latents {
+            Some(l) => write_latents(path, l)?,
+            None => bail!(
+                "--output-latents needs --no-decode (the decoded run does not keep its latents)"
+            ),
+        }
+    }
+    if let Some(images) = images {
+        for (img, path) in images.iter().zip(&outputs) {
+            ip2p_vae::save_image(img, path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            if !args.quiet {
+                eprintln!("wrote {}", path.display());
+            }
+        }
+    }
+    if args.memory_report {
+        println!("model load: {load_seconds:.2} s\n\n{}", out.report.table());
+    }
+    Ok(())
+}
+
+fn output_paths(outputs: &[PathBuf], n: usize, decode: bool) -> Result<Vec<PathBuf>> {
+    if !decode {
+        return Ok(Vec::new());
+    }
+    match outputs.len() {
+        0 => bail!("give --output for the edited image(s)"),
+        k if k == n => Ok(outputs.to_vec()),
+        1 => {
+            let p = &outputs[0];
+            if n == 1 {
+                return Ok(vec![p.clone()]);
+            }
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("edit");
+            let ext = p.extension().and_then(|s| s.to_str()).unwrap_or("png");
+            Ok((0..n)
+                .map(|i| p.with_file_name(format!("{stem}-{i}.{ext}")))
+                .collect())
+        }
+        k => bail!("{k} --output paths for {n} image(s): give one per image, or one to number"),
+    }
+}
+
+fn read_images<B: Backend>(
+    paths: &[PathBuf],
+    resize: Resize,
+    factor: u32,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>> {
+    let rule = match resize {
+        Resize::Diffusers => ResizeRule::Diffusers,
+        Resize::Original => ResizeRule::Ip2p { resolution: 512 },
+    };
+    let mut images = Vec::with_capacity(paths.len());
+    for path in paths {
+        let img = load_image(path)?;
+        let (w, h) = img.dimensions();
+        if rule == ResizeRule::Diffusers && (w % factor != 0 || h % factor != 0) {
+            let (tw, th) = target_size(w, h, rule, factor);
+            eprintln!(
+                "warning: {} is {w}×{h}; resized to {tw}×{th} (sides must be multiples of {factor})",
+                path.display()
+            );
+        }
+        images.push(resize_for_vae(&img, rule, factor)?);
+    }
+    if let Some(first) = images.first() {
+        let size = first.dimensions();
+        if let Some((i, img)) = images
+            .iter()
+            .enumerate()
+            .find(|(_, img)| img.dimensions() != size)
+        {
+            bail!(
+                "images in one batch must have the same size: {} is {:?} after resizing, {} is {:?}",
+                paths[0].display(),
+                size,
+                paths[i].display(),
+                img.dimensions()
+            );
+        }
+    }
+    Ok(images_to_tensor(&images, device, DType::F32)?)
+}
+
+/// A `latents` tensor from a safetensors file (f32, f16 or bf16).
+fn read_latents<B: Backend>(path: &Path, device: &B::Device) -> Result<Tensor<B, 4>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let view = st
+        .tensor("latents")
+        .with_context(|| format!("{}: no tensor named `latents`", path.display()))?;
+    let shape = view.shape().to_vec();
+    if shape.len() != 4 || shape[1] != 4 {
+        bail!(
+            "{}: `latents` has shape {shape:?}, expected [batch, 4, h/8, w/8]",
+            path.display()
+        );
+    }
+    let b = view.data();
+    let values: Vec<f32> = match view.dtype() {
+        safetensors::Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        safetensors::Dtype::F16 => b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::BF16 => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => bail!(
+            "{}: `latents` has dtype {other:?}; use f32, f16 or bf16",
+            path.display()
+        ),
+    };
+    if values.iter().any(|v| !v.is_finite()) {
+        bail!("{}: `latents` holds NaN or infinite values", path.display());
+    }
+    Ok(Tensor::from_data(TensorData::new(values, shape), device))
+}
+
+/// Write `latents` (f32) atomically: a temporary file renamed into place.
+fn write_latents<B: Backend>(path: &Path, latents: Tensor<B, 4>) -> Result<()> {
+    let shape = latents.dims().to_vec();
+    let values = latents
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes)?;
+    let data = safetensors::serialize([("latents", view)], None)?;
+    let tmp = path.with_extension("safetensors.part");
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
