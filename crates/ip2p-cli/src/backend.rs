@@ -55,7 +55,7 @@ macro_rules! dispatch {
                 let $device = crate::backend::default_device::<B>();
                 let $probe = $crate::backend::cube_probe::<burn::cubecl::wgpu::WgpuRuntime>(
                     "wgpu pool",
-                    &$device,
+                    $device.clone(),
                 );
                 let $probe: &dyn ip2p_pipeline::MemoryProbe = &$probe;
                 $body
@@ -66,7 +66,7 @@ macro_rules! dispatch {
                 let $device = crate::backend::default_device::<B>();
                 let $probe = $crate::backend::cube_probe::<burn::cubecl::cuda::CudaRuntime>(
                     "cuda pool",
-                    &$device,
+                    $device.clone(),
                 );
                 let $probe: &dyn ip2p_pipeline::MemoryProbe = &$probe;
                 $body
@@ -86,9 +86,9 @@ pub(crate) use dispatch;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub fn cube_probe<R: burn::cubecl::Runtime>(
     name: &str,
-    device: &R::Device,
+    device: R::Device,
 ) -> ip2p_pipeline::SampledPeak<impl Fn() -> u64 + Send + Sync, impl Fn() + Send + Sync> {
-    let client = R::client(device);
+    let client = R::client(&device);
     let cleaner = client.clone();
     ip2p_pipeline::SampledPeak::new(
         name,
