@@ -5,8 +5,6 @@
 
 use clap::{Parser, Subcommand};
 
-mod backend;
-mod edit;
 mod tokenize;
 
 #[derive(Debug, Parser)]
@@ -22,8 +20,6 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Edit images with instructions.
-    Edit(Box<edit::EditArgs>),
     /// Print the CLIP token ids of each prompt, one JSON array per line.
     Tokenize(tokenize::TokenizeArgs),
 }
@@ -31,7 +27,6 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Edit(args) => edit::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
     };
     match result {
