@@ -5,6 +5,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod backend;
+mod edit;
 mod tokenize;
 
 #[derive(Debug, Parser)]
@@ -20,6 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Edit images with instructions.
+    Edit(Box<edit::EditArgs>),
     /// Print the CLIP token ids of each prompt, one JSON array per line.
     Tokenize(tokenize::TokenizeArgs),
 }
@@ -27,6 +31,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Edit(args) => edit::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
     };
     match result {
