@@ -21,7 +21,7 @@ fn tiny(options: &LoadOptions) -> Ip2pModel<B> {
 fn inputs(m: &Ip2pModel<B>) -> (Fixture, Tensor<B, 4>, Prompts<B>) {
     let fx = Fixture::open("pipeline/tiny_euler.safetensors");
     let pixels = fx.tensor("pixels", &m.device);
-    let prompts = Prompts::Text(fx.meta_json("prompts"));
+    let prompts = Prompts::Text(run_meta(&fx, "prompts"));
     (fx, pixels, prompts)
 }
 
@@ -271,7 +271,7 @@ fn mismatched_inputs_are_errors() {
         "{err}"
     );
 
-    let prompts = Prompts::Text(fx.meta_json("prompts"));
+    let prompts = Prompts::Text(run_meta(&fx, "prompts"));
     let bad_noise = Tensor::<B, 4>::zeros([2, 4, 8, 8], &m.device);
     let err = edit(
         &m,
@@ -344,4 +344,10 @@ fn a_text_to_image_model_is_refused() {
     .err()
     .unwrap();
     assert!(err.to_string().contains("model_index.json"), "{err}");
+}
+
+/// A value of the run's metadata (fx_pipeline.py stores one JSON entry, `run`).
+fn run_meta<T: serde::de::DeserializeOwned>(fx: &Fixture, key: &str) -> T {
+    let run: serde_json::Value = fx.meta_json("run");
+    serde_json::from_value(run[key].clone()).unwrap_or_else(|e| panic!("run.{key}: {e}"))
 }

@@ -38,16 +38,16 @@ fn case(model: &str, sched: &str) -> Case {
         SchedulerKind::Euler
     };
     let options = EditOptions {
-        steps: fx.meta_json("steps"),
-        guidance_scale: fx.meta_json("guidance_scale"),
-        image_guidance_scale: fx.meta_json("image_guidance_scale"),
+        steps: run_meta(&fx, "steps"),
+        guidance_scale: run_meta(&fx, "guidance_scale"),
+        image_guidance_scale: run_meta(&fx, "image_guidance_scale"),
         ..EditOptions::default()
     };
     Case { fx, kind, options }
 }
 
 fn prompts(fx: &Fixture) -> Vec<String> {
-    fx.meta_json("prompts")
+    run_meta(fx, "prompts")
 }
 
 /// Run `case` through `model` with the given inputs; returns the output tensor.
@@ -188,4 +188,10 @@ fn every_path_gives_the_same_result() {
     );
     // Embeddings from diffusers' text encoder rather than ours: within the text parity (1e-4).
     assert_close("embeddings vs full", from_embeds, full, 1e-4);
+}
+
+/// A value of the run's metadata (fx_pipeline.py stores one JSON entry, `run`).
+fn run_meta<T: serde::de::DeserializeOwned>(fx: &Fixture, key: &str) -> T {
+    let run: serde_json::Value = fx.meta_json("run");
+    serde_json::from_value(run[key].clone()).unwrap_or_else(|e| panic!("run.{key}: {e}"))
 }
