@@ -1,3 +1,194 @@
-fn main() {
-    println!("Hello, world!");
+//! `cargo xtask bench`: see `cargo xtask bench --help` and the README's Benchmarks section.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use ip2p_pipeline::CountingAllocator;
+use ip2p_pipeline::preset::Preset;
+use xtask::backends::{self, BackendKind, Plan};
+use xtask::cell::{self, ModelSource, PathKind};
+use xtask::output::{Host, Report};
+
+#[global_allocator]
+static ALLOC: CountingAllocator = CountingAllocator::new();
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "ip2p project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Benchmark backends × paths × models × resolutions × batches; report under target/bench/.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Backends to run (those this build or machine cannot run are reported as skipped).
+    #[arg(long = "backend", value_enum, value_delimiter = ',', default_values_t = BackendKind::ALL)]
+    backends: Vec<BackendKind>,
+    /// Paths to run.
+    #[arg(long = "path", value_enum, value_delimiter = ',', default_values_t = PathKind::ALL)]
+    paths: Vec<PathKind>,
+    /// Built-in presets with random weights: sd15 (the real SD 1.5 InstructPix2Pix architecture), tiny.
+    /// Default: sd15 (unless --model is given).
+    #[arg(long = "preset", value_delimiter = ',')]
+    presets: Vec<String>,
+    /// A diffusers InstructPix2Pix folder with real weights (repeatable).
+    #[arg(long = "model")]
+    models: Vec<PathBuf>,
+    /// Image sizes, WxH or N (square). Default per model: sd15 256, tiny 64, folders 512.
+    #[arg(long = "resolution", value_delimiter = ',')]
+    resolutions: Vec<String>,
+    /// Batch sizes (images per edit call).
+    #[arg(long = "batch", value_delimiter = ',', default_value = "1")]
+    batches: Vec<usize>,
+    /// Denoising steps. Default per model: sd15 1, tiny 4.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Unmeasured runs before the repeats. Default: sd15 0, tiny 1.
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Measured runs (median reported). Default: sd15 1, tiny 3.
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// Run every model on a software WGPU adapter (lavapipe), not only the tiny preset.
+    #[arg(long)]
+    wgpu_software_full: bool,
+    /// Also run the cells with diffusers (`diffusers`), for ip2p/diffusers ratios.
+    #[arg(long)]
+    reference: Option<String>,
+    /// The Python for --reference (default: $IP2P_PYTHON, then /root/.cache/ip2p/venv/bin/python).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Report folder (default: <workspace>/target/bench).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_resolution(s: &str) -> Result<(usize, usize)> {
+    let s = s.trim();
+    let (w, h) = match s.split_once(['x', 'X', '×']) {
+        Some((w, h)) => (w.trim().parse()?, h.trim().parse()?),
+        None => {
+            let n = s.parse()?;
+            (n, n)
+        }
+    };
+    if w == 0 || h == 0 {
+        bail!("resolution {s}: sides must be positive");
+    }
+    Ok((h, w))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Bench(args) => bench(args),
+    }
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let started = Instant::now();
+    let mut models = Vec::new();
+    for p in &args.presets {
+        match Preset::from_name(p.trim()) {
+            Some(p) => models.push(ModelSource::Preset(p)),
+            None => bail!("unknown preset {p:?} (sd15, tiny)"),
+        }
+    }
+    for d in &args.models {
+        cell::check_model_dir(d)?;
+        models.push(ModelSource::Dir(d.clone()));
+    }
+    if models.is_empty() {
+        models.push(ModelSource::Preset(Preset::Sd15));
+    }
+    let resolutions = args
+        .resolutions
+        .iter()
+        .map(|r| parse_resolution(r))
+        .collect::<Result<Vec<_>>>()?;
+    let plan = Plan {
+        models: models.clone(),
+        paths: args.paths.clone(),
+        resolutions,
+        batches: args.batches.clone(),
+        steps: args.steps,
+        warmup: args.warmup,
+        repeats: args.repeats,
+        software_full: args.wgpu_software_full,
+    };
+    let reference = match args.reference.as_deref() {
+        None => None,
+        Some("diffusers") => Some(()),
+        Some(other) => bail!("unknown reference {other:?} (diffusers)"),
+    };
+
+    let total = plan.runs(&models) * args.backends.len() as u64;
+    let pb = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} runs  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.enable_steady_tick(std::time::Duration::from_millis(250));
+
+    let mut notes = vec![format!(
+        "Built-in presets use random weights (Burn's default init); the work per stage is that of the real architecture. Defaults: sd15 at 256×256, 1 step, no warm-up, 1 repeat (so the default run takes minutes on a 2-core CPU; pass --resolution 512 --steps 20 --warmup 1 --repeats 3 for the real workload); tiny at 64×64, 4 steps, 1 warm-up, 3 repeats. Guidance is on (text 7.5, image 1.5): each step runs the UNet on 3× the batch."
+    )];
+    let mut cells = Vec::new();
+    for &backend in &args.backends {
+        cells.extend(backends::run(backend, &plan, &ALLOC, &pb, &mut notes));
+    }
+    cell::compute_savings(&mut cells);
+
+    if reference.is_some() {
+        match xtask::reference::find_python(args.python.as_deref())
+            .and_then(|p| xtask::reference::check_python(&p).map(|v| (p, v)))
+        {
+            Ok((python, versions)) => {
+                notes.push(format!(
+                    "diffusers reference: {} ({versions}); random weights of the same architecture drawn by PyTorch (not the same numbers as ip2p's: timing and memory do not depend on them); CPU cells only.",
+                    python.display()
+                ));
+                xtask::reference::run(&python, &mut cells, &models, &mut notes, &pb)?;
+            }
+            Err(e) => notes.push(format!("--reference diffusers skipped: {e:#}")),
+        }
+    }
+    pb.finish_and_clear();
+
+    let report = Report {
+        command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+        started: format!("{:?}", std::time::SystemTime::now()),
+        wall_s: started.elapsed().as_secs_f64(),
+        host: Host::detect(),
+        notes,
+        cells,
+    };
+    let out = args
+        .out
+        .unwrap_or_else(|| xtask::workspace_root().join("target").join("bench"));
+    report.write(&out)?;
+    println!("{}", report.markdown());
+    println!(
+        "Reports: {}/{{report.md,report.json,report.csv,chart.svg}}",
+        out.display()
+    );
+    Ok(())
 }

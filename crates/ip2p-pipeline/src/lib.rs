@@ -9,6 +9,7 @@ pub mod edit;
 pub mod error;
 pub mod memory;
 pub mod model;
+pub mod preset;
 pub mod report;
 
 pub use batching::ActivationModel;

@@ -1,0 +1,16 @@
+//! `cargo xtask bench`: the backend × path × model × resolution × batch benchmark matrix.
+//!
+//! The library half of the xtask binary, so the smoke test can run cells directly.
+
+pub mod backends;
+pub mod cell;
+pub mod output;
+pub mod reference;
+
+use std::path::PathBuf;
+
+/// The workspace root (reports go to `<root>/target/bench`, fixtures are read from `<root>/fixtures`).
+pub fn workspace_root() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.parent().map(PathBuf::from).unwrap_or(here)
+}
