@@ -11,6 +11,7 @@ pub mod memory;
 pub mod model;
 pub mod preset;
 pub mod report;
+pub mod train;
 
 pub use batching::ActivationModel;
 pub use edit::{

@@ -1,0 +1,53 @@
+//! Errors of training and data preparation.
+
+use std::path::PathBuf;
+
+/// Why training, validation or data preparation stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Pipeline(#[from] crate::PipelineError),
+    #[error(transparent)]
+    Load(#[from] ip2p_nn::LoadError),
+    #[error("text: {0}")]
+    Text(#[from] ip2p_text::TextError),
+    #[error("VAE: {0}")]
+    Vae(#[from] ip2p_vae::VaeError),
+    #[error("UNet: {0}")]
+    Unet(#[from] ip2p_unet::UnetError),
+    #[error("scheduler: {0}")]
+    Sched(#[from] ip2p_sched::SchedError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A dataset row that cannot be used (missing or unreadable image, mismatched sizes, bad JSON).
+    #[error("{file}, row {row}: {reason}")]
+    Row {
+        file: PathBuf,
+        /// 1-based line number in the file.
+        row: usize,
+        reason: String,
+    },
+    #[error("{path}: {reason}")]
+    Format { path: PathBuf, reason: String },
+    /// Inputs that do not fit together.
+    #[error("{0}")]
+    Input(String),
+    /// A checkpoint could not be written or read.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+    /// The loss became NaN or infinite.
+    #[error("step {step}: the loss is not finite ({loss})")]
+    NonFinite { step: usize, loss: f64 },
+}
+
+impl TrainError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The training loop: batches in data order, gradient accumulation, AdamW with warm-up and
+//! global-norm clipping, EMA, checkpoints and validation at fixed intervals.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, ElementConversion};
+use ip2p_sched::{Ddpm, PredictionType, SchedulerConfig};
+use ip2p_unet::UNet2DConditionModel;
+
+use super::TrainError;
+use super::checkpoint::{CheckpointParts, TrainState, load_checkpoint, save_checkpoint};
+use super::data::{BadRows, BatchLoader, DataOrder, Dataset};
+use super::optim::{AdamW, AdamWSettings, Ema, named_params};
+use super::rng::SplitMix;
+use super::step::{Frozen, StepConfig, StepDraws, training_loss};
+use super::validate::{Validation, ValidationResult, validate};
+
+/// The run's settings (diffusers' script's flags).
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub resolution: u32,
+    pub batch_size: usize,
+    pub gradient_accumulation: usize,
+    pub max_steps: usize,
+    pub adamw: AdamWSettings,
+    /// EMA decay (diffusers' `--use_ema`: 0.9999); None: no EMA.
+    pub ema_decay: Option<f64>,
+    pub conditioning_dropout: f64,
+    pub random_flip: bool,
+    pub seed: u64,
+    /// Save a checkpoint every this many optimiser steps (and at the end); 0: only at the end.
+    pub checkpoint_every: usize,
+    /// Validate every this many optimiser steps; 0: never.
+    pub validate_every: usize,
+    pub bad_rows: BadRows,
+    pub output: PathBuf,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            resolution: 256,
+            batch_size: 4,
+            gradient_accumulation: 1,
+            max_steps: 1000,
+            adamw: AdamWSettings::default(),
+            ema_decay: None,
+            conditioning_dropout: 0.05,
+            random_flip: true,
+            seed: 42,
+            checkpoint_every: 500,
+            validate_every: 0,
+            bad_rows: BadRows::Skip,
+            output: PathBuf::from("train-output"),
+        }
+    }
+}
+
+/// Reported after each optimiser step.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub step: usize,
+    pub max_steps: usize,
+    /// Mean loss over the accumulated micro-batches.
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub seconds: f64,
+    pub checkpoint: Option<PathBuf>,
+    pub validation: Option<ValidationResult>,
+    /// Rows skipped so far (row number, reason).
+    pub skipped_rows: usize,
+}
+
+/// A training run in progress.
+pub struct Trainer<A: AutodiffBackend> {
+    pub unet: UNet2DConditionModel<A>,
+    pub frozen: Frozen<A::InnerBackend>,
+    pub scheduler: Ddpm,
+    pub prediction_type: PredictionType,
+    pub optimizer: AdamW<A::InnerBackend>,
+    pub ema: Option<Ema<A::InnerBackend, UNet2DConditionModel<A::InnerBackend>>>,
+    pub order: DataOrder,
+    pub step: usize,
+    pub config: TrainConfig,
+    /// The source model's `unet/config.json` (for exports).
+    pub unet_config: PathBuf,
+    pub device: A::Device,
+}
+
+impl<A: AutodiffBackend> Trainer<A> {
+    /// Start a run: `unet` must take 8 channels (see [`super::widen_conv_in`]).
+    pub fn new(
+        unet: UNet2DConditionModel<A>,
+        frozen: Frozen<A::InnerBackend>,
+        scheduler_config: &SchedulerConfig,
+        unet_config: &Path,
+        config: TrainConfig,
+        device: &A::Device,
+    ) -> Result<Self, TrainError> {
+        let scheduler = Ddpm::new(scheduler_config)?;
+        let prediction_type = scheduler.config().prediction_type;
+        if config.batch_size == 0 || config.gradient_accumulation == 0 {
+            return Err(TrainError::Input(
+                "batch size and gradient accumulation must be at least 1".into(),
+            ));
+        }
+        if unet.in_channels != 8 {
+            return Err(TrainError::Input(format!(
+                "the UNet takes {} channels; InstructPix2Pix training needs 8 (widen a 4-channel UNet first)",
+                unet.in_channels
+            )));
+        }
+        let ema = config
+            .ema_decay
+            .map(|d| Ema::new(unet.valid(), d));
+        Ok(Self {
+            optimizer: AdamW::new(config.adamw),
+            order: DataOrder::new(config.seed),
+            unet,
+            frozen,
+            scheduler,
+            prediction_type,
+            ema,
+            step: 0,
+            unet_config: unet_config.to_path_buf(),
+            device: device.clone(),
+            config,
+        })
+    }
+
+    /// Continue from a checkpoint folder: model, optimiser, EMA, step and data order.
+    pub fn resume(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let loaded = load_checkpoint::<A::InnerBackend>(dir, &self.device)?;
+        self.unet = UNet2DConditionModel::load(dir.join("unet"), None, DType::F32, &self.device)?;
+        self.optimizer.exp_avg = loaded.exp_avg;
+        self.optimizer.exp_avg_sq = loaded.exp_avg_sq;
+        self.optimizer.steps = loaded.state.step;
+        self.step = loaded.state.step;
+        self.order = loaded.state.data_order;
+        if let (Some(ema), Some(model)) = (self.ema.as_mut(), loaded.ema) {
+            ema.model = model;
+            ema.steps = loaded.state.ema_steps.unwrap_or(loaded.state.step);
+        } else if let Some(ema) = self.ema.as_mut() {
+            ema.model = self.unet.valid();
+            ema.steps = 0;
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> TrainState {
+        TrainState {
+            step: self.step,
+            ema_steps: self.ema.as_ref().map(|e| e.steps),
+            ema_decay: self.ema.as_ref().map(|e| e.decay),
+            data_order: self.order,
+            adamw: self.optimizer.settings,
+            seed: self.config.seed,
+        }
+    }
+
+    /// Write a checkpoint of the current state under the output folder.
+    pub fn save(&self) -> Result<PathBuf, TrainError> {
+        let unet = self.unet.valid();
+        save_checkpoint(
+            &self.config.output,
+            &CheckpointParts {
+                unet: &unet,
+                ema: self.ema.as_ref().map(|e| &e.model),
+                exp_avg: &self.optimizer.exp_avg,
+                exp_avg_sq: &self.optimizer.exp_avg_sq,
+                state: &self.state(),
+                unet_config: &self.unet_config,
+            },
+        )
+    }
+
+    /// One optimiser step: `gradient_accumulation` micro-batches of `batch_size` pairs.
+    pub fn train_step(&mut self, loader: &mut BatchLoader<'_>) -> Result<StepReport, TrainError> {
+        let start = Instant::now();
+        let n = self.config.gradient_accumulation;
+        let step_config = StepConfig {
+            conditioning_dropout: self.config.conditioning_dropout,
+            prediction_type: self.prediction_type,
+        };
+        let mut accumulator = GradientsAccumulator::<UNet2DConditionModel<A>>::new();
+        let mut loss_sum = 0.0;
+        for micro in 0..n {
+            let seed = self
+                .config
+                .seed
+                .wrapping_mul(0x2545_F491_4F6C_DD1D)
+                .wrapping_add((self.step * n + micro) as u64);
+            let mut rng = SplitMix::new(seed);
+            let batch =
+                loader.next_batch::<A::InnerBackend>(&mut self.order, self.config.batch_size, &mut rng, &self.device)?;
+            let [b, _, h, w] = batch.edited.dims();
+            let f = self.frozen.vae.downscale_factor();
+            let latent = [b, self.frozen.vae.config.latent_channels, h / f, w / f];
+            let train_steps = self.scheduler.config().num_train_timesteps;
+            let draws = StepDraws::draw(seed, latent, train_steps, &self.device);
+            let (loss, _) = training_loss(
+                &self.unet,
+                &self.frozen,
+                &self.scheduler,
+                &step_config,
+                &batch,
+                &draws,
+            )?;
+            let value: f64 = loss.clone().into_scalar().elem::<f64>();
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: self.step + 1,
+                    loss: value,
+                });
+            }
+            loss_sum += value;
+            // accelerate divides the loss by the accumulation steps before backward.
+            let grads = loss.div_scalar(n as f64).backward();
+            accumulator.accumulate(&self.unet, GradientsParams::from_grads(grads, &self.unet));
+        }
+        let grads = accumulator.grads();
+        let unet = self.unet.clone();
+        let (unet, info) = self.optimizer.step(unet, grads);
+        self.unet = unet;
+        if let Some(ema) = self.ema.as_mut() {
+            ema.update(&named_params(&self.unet.valid()));
+        }
+        self.step += 1;
+        Ok(StepReport {
+            step: self.step,
+            max_steps: self.config.max_steps,
+            loss: loss_sum / n as f64,
+            lr: info.lr,
+            grad_norm: info.grad_norm,
+            seconds: start.elapsed().as_secs_f64(),
+            checkpoint: None,
+            validation: None,
+            skipped_rows: loader.skipped.len(),
+        })
+    }
+
+    /// Train to `max_steps`, checkpointing and validating at the configured intervals;
+    /// `on_step` sees every step's report. A failing step returns its error; checkpoints
+    /// written before it stay as they are.
+    pub fn run(
+        &mut self,
+        data: &Dataset,
+        validation: Option<&Validation>,
+        on_step: &mut dyn FnMut(&StepReport),
+    ) -> Result<(), TrainError> {
+        let mut loader = BatchLoader {
+            data,
+            resolution: self.config.resolution,
+            random_flip: self.config.random_flip,
+            bad_rows: self.config.bad_rows,
+            skipped: Vec::new(),
+        };
+        while self.step < self.config.max_steps {
+            let mut report = self.train_step(&mut loader)?;
+            let last = self.step == self.config.max_steps;
+            let every = |k: usize| k > 0 && self.step.is_multiple_of(k);
+            if let Some(v) = validation
+                && every(self.config.validate_every)
+            {
+                let model = match &self.ema {
+                    Some(e) => e.model.clone(),
+                    None => self.unet.valid(),
+                };
+                report.validation = Some(validate(&model, &self.frozen, &self.scheduler, v, self.step, &self.config.output)?);
+            }
+            if every(self.config.checkpoint_every) || last {
+                report.checkpoint = Some(self.save()?);
+            }
+            on_step(&report);
+        }
+        Ok(())
+    }
+}
