@@ -43,7 +43,9 @@ pub fn scaled_dot_product<B: Backend>(
             None,
             None,
             AttentionModuleOptions {
-                scale: Some(scale),
+                // `None` is Burn's default 1/sqrt(head_dim), our scale too; cubecl backends take
+                // their flash kernel only without an explicit scale.
+                scale: None,
                 softcap: None,
                 is_causal: causal,
             },
