@@ -315,6 +315,47 @@ fn mismatched_inputs_are_errors() {
     );
 }
 
+/// The fp16 variant files load, and the UNet and text encoder run in f16 (VAE kept in f32).
+/// Two steps in f16 against f32: f16 activations carry ~1e-3 relative error per layer, so the
+/// latents agree to a few 1e-2; a wrong cast or an overflow would be off by far more or be NaN.
+#[test]
+fn half_precision_runs_close_to_f32() {
+    let f32_model = tiny(&LoadOptions::default());
+    let half = tiny(&LoadOptions {
+        dtype: Some(burn::tensor::DType::F16),
+        variant: Some("fp16".into()),
+        ..LoadOptions::default()
+    });
+    assert_eq!(
+        half.unet.conv_in.weight.val().dtype(),
+        burn::tensor::DType::F16
+    );
+    assert_eq!(
+        half.vae.as_ref().unwrap().model.dtype(),
+        burn::tensor::DType::F32
+    );
+    let (fx, pixels, prompts) = inputs(&f32_model);
+    let noise = fx.tensor::<B, 4>("noise", &f32_model.device);
+    let run = |m: &Ip2pModel<B>| {
+        edit(
+            m,
+            pixels.clone(),
+            prompts.clone(),
+            RunSettings {
+                options: options(2),
+                init_latents: Some(noise.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .output
+    };
+    let reference = run(&f32_model);
+    let out = run(&half);
+    assert_eq!(out.dtype(), burn::tensor::DType::F32);
+    assert_close("f16 vs f32 latents", out, reference, 5e-2);
+}
+
 /// A 4-channel (text-to-image) UNet is refused before any weights are read.
 #[test]
 fn a_text_to_image_model_is_refused() {
