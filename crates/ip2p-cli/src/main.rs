@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 
 mod backend;
 mod edit;
+mod prepare_data;
 mod tokenize;
+mod train;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +28,10 @@ enum Command {
     Edit(Box<edit::EditArgs>),
     /// Print the CLIP token ids of each prompt, one JSON array per line.
     Tokenize(tokenize::TokenizeArgs),
+    /// Tokenize a dataset's edit prompts once (writes tokens.jsonl next to metadata.jsonl).
+    PrepareData(prepare_data::PrepareDataArgs),
+    /// Fine-tune InstructPix2Pix on a prepared dataset.
+    Train(Box<train::TrainArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,6 +39,8 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Edit(args) => edit::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
+        Command::PrepareData(args) => prepare_data::run(&args),
+        Command::Train(args) => train::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -8,7 +8,9 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Tensor, TensorData};
 use ip2p_nn::testing::{Fixture, assert_close, fixtures_dir};
-use ip2p_pipeline::train::optim::{AdamW, AdamWSettings, global_grad_norm, named_grads, named_params};
+use ip2p_pipeline::train::optim::{
+    AdamW, AdamWSettings, global_grad_norm, named_grads, named_params,
+};
 use ip2p_pipeline::train::*;
 use ip2p_sched::{Ddpm, PredictionType, SchedulerConfig};
 use ip2p_text::PromptEncoder;
@@ -28,12 +30,25 @@ struct Meta {
 
 /// diffusers key → Burn path and whether the tensor is a Linear weight (stored transposed).
 fn burn_path(key: &str) -> (String, bool) {
-    let linear = key.contains("time_embedding.linear_") || key.contains(".attn") || key.contains(".ff.");
-    let path = key.replace("proj_out.", "proj_out.Conv.").replace("proj_in.", "proj_in.Conv.");
+    let linear =
+        key.contains("time_embedding.linear_") || key.contains(".attn") || key.contains(".ff.");
+    let path = key
+        .replace("proj_out.", "proj_out.Conv.")
+        .replace("proj_in.", "proj_in.Conv.");
     (path, linear && key.ends_with(".weight"))
 }
 
-fn setup() -> (Fixture, Frozen<I>, Ddpm, UNet2DConditionModel<B>, TrainBatch<I>, StepDraws<I>, Meta) {
+struct Setup {
+    fx: Fixture,
+    frozen: Frozen<I>,
+    sched: Ddpm,
+    unet: UNet2DConditionModel<B>,
+    batch: TrainBatch<I>,
+    draws: StepDraws<I>,
+    meta: Meta,
+}
+
+fn setup() -> Setup {
     let dev = Default::default();
     let root = fixtures_dir().join("models/tiny");
     let fx = Fixture::open("train/tiny_step.safetensors");
@@ -55,25 +70,59 @@ fn setup() -> (Fixture, Frozen<I>, Ddpm, UNet2DConditionModel<B>, TrainBatch<I>,
         timesteps: fx.ints("timesteps").0.iter().map(|&t| t as usize).collect(),
         random_p: fx.values("random_p").0,
     };
-    (fx, Frozen { vae, text }, sched, unet, batch, draws, meta)
+    Setup {
+        fx,
+        frozen: Frozen { vae, text },
+        sched,
+        unet,
+        batch,
+        draws,
+        meta,
+    }
 }
 
 #[test]
 fn one_step_matches_diffusers() {
-    let (fx, frozen, sched, unet, batch, draws, meta) = setup();
+    let Setup {
+        fx,
+        frozen,
+        sched,
+        unet,
+        batch,
+        draws,
+        meta,
+    } = setup();
     let config = StepConfig {
         conditioning_dropout: meta.p,
         prediction_type: PredictionType::Epsilon,
     };
     let (loss, aux) = training_loss(&unet, &frozen, &sched, &config, &batch, &draws).unwrap();
     // Intermediates: f32 convs and attention in a different order than torch's: 1e-4.
-    assert_close("latents", aux.latents, fx.tensor("latents", &Default::default()), 1e-4);
-    assert_close("noisy_latents", aux.noisy_latents, fx.tensor("noisy_latents", &Default::default()), 1e-4);
-    assert_close("image_embeds", aux.image_embeds, fx.tensor("image_embeds", &Default::default()), 1e-4);
+    assert_close(
+        "latents",
+        aux.latents,
+        fx.tensor("latents", &Default::default()),
+        1e-4,
+    );
+    assert_close(
+        "noisy_latents",
+        aux.noisy_latents,
+        fx.tensor("noisy_latents", &Default::default()),
+        1e-4,
+    );
+    assert_close(
+        "image_embeds",
+        aux.image_embeds,
+        fx.tensor("image_embeds", &Default::default()),
+        1e-4,
+    );
 
     let loss_value = f64::from(loss.clone().into_scalar());
     let expected = fx.values("loss").0[0];
-    eprintln!("loss {loss_value} vs diffusers {expected}: |Δ| {:.3e}", (loss_value - expected).abs());
+    eprintln!(
+        "loss {loss_value} vs diffusers {expected}: |Δ| {:.3e}",
+        (loss_value - expected).abs()
+    );
     // The tolerance: 1e-4 on the loss.
     assert!((loss_value - expected).abs() <= 1e-4 * expected.abs().max(1.0));
 
@@ -81,14 +130,23 @@ fn one_step_matches_diffusers() {
     let named = named_grads::<B, _>(&unet, &grads);
     for key in &meta.grads {
         let (path, linear) = burn_path(key);
-        let g = named.get(&path).unwrap_or_else(|| panic!("no gradient for {path}")).clone();
+        let g = named
+            .get(&path)
+            .unwrap_or_else(|| panic!("no gradient for {path}"))
+            .clone();
         let (vals, shape) = fx.values(&format!("grad.{key}"));
         let mut expected: Tensor<I, 1> = Tensor::from_data(
-            TensorData::new(vals.iter().map(|&v| v as f32).collect::<Vec<_>>(), [vals.len()]),
+            TensorData::new(
+                vals.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                [vals.len()],
+            ),
             &Default::default(),
         );
         if linear {
-            expected = expected.reshape([shape[0], shape[1]]).transpose().reshape([vals.len()]);
+            expected = expected
+                .reshape([shape[0], shape[1]])
+                .transpose()
+                .reshape([vals.len()]);
         }
         // The tolerance: UNet gradients to 1e-3 relative (L2).
         assert_close(&format!("grad {key}"), g, expected, 1e-3);
@@ -105,20 +163,34 @@ fn one_step_matches_diffusers() {
         ..AdamWSettings::default()
     });
     let (unet, info) = opt.step(unet, grads);
-    assert!(info.grad_norm > meta.max_grad_norm, "the fixture exercises clipping");
+    assert!(
+        info.grad_norm > meta.max_grad_norm,
+        "the fixture exercises clipping"
+    );
     let params = named_params(&unet.valid());
     for key in &meta.grads {
         let (path, linear) = burn_path(key);
         let (vals, shape) = fx.values(&format!("after.{key}"));
         let mut expected: Tensor<I, 1> = Tensor::from_data(
-            TensorData::new(vals.iter().map(|&v| v as f32).collect::<Vec<_>>(), [vals.len()]),
+            TensorData::new(
+                vals.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                [vals.len()],
+            ),
             &Default::default(),
         );
         if linear {
-            expected = expected.reshape([shape[0], shape[1]]).transpose().reshape([vals.len()]);
+            expected = expected
+                .reshape([shape[0], shape[1]])
+                .transpose()
+                .reshape([vals.len()]);
         }
         // A step of lr 1e-3 moves the weights by ~1e-3: 1e-5 relative to the weights.
-        assert_close(&format!("after {key}"), params[&path].clone(), expected, 1e-5);
+        assert_close(
+            &format!("after {key}"),
+            params[&path].clone(),
+            expected,
+            1e-5,
+        );
     }
 }
 
@@ -145,7 +217,12 @@ fn widening_conv_in_keeps_weights_and_bias() {
     let w8 = wide.conv_in.weight.val();
     let [o, i, k1, k2] = w8.dims();
     assert_eq!([o, i, k1, k2], [32, 8, 3, 3]);
-    assert_close("old weights", w8.clone().slice([0..o, 0..4, 0..3, 0..3]), w4, 0.0);
+    assert_close(
+        "old weights",
+        w8.clone().slice([0..o, 0..4, 0..3, 0..3]),
+        w4,
+        0.0,
+    );
     let new = w8.slice([0..o, 4..8, 0..3, 0..3]).abs().max().into_scalar();
     assert_eq!(new, 0.0);
     assert_close("bias", wide.conv_in.bias.as_ref().unwrap().val(), b4, 0.0);
@@ -153,4 +230,57 @@ fn widening_conv_in_keeps_weights_and_bias() {
     let x = Tensor::<I, 4>::zeros([1, 8, 16, 16], &dev);
     let ctx = Tensor::<I, 3>::zeros([1, 77, 32], &dev);
     assert_eq!(wide.forward(x, 10.0, ctx).unwrap().dims(), [1, 4, 16, 16]);
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    // Burn's balanced checkpointing recomputes activations in the backward pass; the
+    // gradients are the same computation, so the fixture's tolerance holds.
+    type C = Autodiff<I, BalancedCheckpointing>;
+    let Setup {
+        fx,
+        frozen,
+        sched,
+        batch,
+        draws,
+        meta,
+        ..
+    } = setup();
+    let dev = Default::default();
+    let unet = UNet2DConditionModel::<C>::load(
+        fixtures_dir().join("models/tiny/unet"),
+        None,
+        DType::F32,
+        &dev,
+    )
+    .unwrap();
+    let config = StepConfig {
+        conditioning_dropout: meta.p,
+        prediction_type: PredictionType::Epsilon,
+    };
+    let (loss, _) = training_loss(&unet, &frozen, &sched, &config, &batch, &draws).unwrap();
+    let expected = fx.values("loss").0[0];
+    assert!((f64::from(loss.clone().into_scalar()) - expected).abs() <= 1e-4);
+    let grads = GradientsParams::from_grads(loss.backward(), &unet);
+    let norm = global_grad_norm::<C, _>(&unet, &grads);
+    let expected_norm = fx.values("grad_norm").0[0];
+    assert!(
+        (norm - expected_norm).abs() <= 1e-3 * expected_norm,
+        "{norm} vs {expected_norm}"
+    );
+    let named = named_grads::<C, _>(&unet, &grads);
+    let (vals, _) = fx.values("grad.conv_in.weight");
+    let expected: Tensor<I, 1> = Tensor::from_data(
+        TensorData::new(
+            vals.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            [vals.len()],
+        ),
+        &dev,
+    );
+    assert_close(
+        "checkpointed grad conv_in.weight",
+        named["conv_in.weight"].clone(),
+        expected,
+        1e-3,
+    );
 }

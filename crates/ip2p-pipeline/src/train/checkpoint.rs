@@ -158,7 +158,10 @@ pub fn latest_checkpoint(output: &Path) -> Option<PathBuf> {
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().join("state.json").is_file().then_some((step, e.path()))
+            e.path()
+                .join("state.json")
+                .is_file()
+                .then_some((step, e.path()))
         })
         .max_by_key(|(s, _)| *s)
         .map(|(_, p)| p)

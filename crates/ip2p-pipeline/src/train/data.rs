@@ -29,8 +29,8 @@
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
+use burn::tensor::DType;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor};
 use image::RgbImage;
 use image::imageops::{self, FilterType};
 use ip2p_text::ClipTokenizer;
@@ -362,13 +362,13 @@ impl BatchLoader<'_> {
     }
 }
 
-/// Pixels `[b, 3, h, w]` of a list of rows, resized but not flipped (validation).
+/// The pairs of a list of rows, resized but not flipped (validation).
 pub fn load_rows<B: Backend>(
     data: &Dataset,
     rows: &[usize],
     resolution: u32,
     device: &B::Device,
-) -> Result<(Tensor<B, 4>, Tensor<B, 4>, Vec<Vec<i64>>), TrainError> {
+) -> Result<TrainBatch<B>, TrainError> {
     let mut rng = SplitMix::new(0);
     let (mut a, mut b, mut ids) = (Vec::new(), Vec::new(), Vec::new());
     for &i in rows {
@@ -378,9 +378,9 @@ pub fn load_rows<B: Backend>(
         b.push(y);
         ids.push(data.rows[i].input_ids.clone());
     }
-    Ok((
-        ip2p_vae::images_to_tensor(&a, device, DType::F32)?,
-        ip2p_vae::images_to_tensor(&b, device, DType::F32)?,
-        ids,
-    ))
+    Ok(TrainBatch {
+        original: ip2p_vae::images_to_tensor(&a, device, DType::F32)?,
+        edited: ip2p_vae::images_to_tensor(&b, device, DType::F32)?,
+        input_ids: ids,
+    })
 }

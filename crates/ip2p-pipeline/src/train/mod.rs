@@ -29,8 +29,8 @@ pub use checkpoint::{export_unet_diffusers, latest_checkpoint, load_checkpoint, 
 pub use data::{BadRows, Dataset, prepare_data};
 pub use error::TrainError;
 pub use step::{
-    Frozen, StepAux, StepConfig, StepDraws, TrainBatch, dropout_masks, prepare_inputs,
-    load_unet_for_training, training_loss, widen_conv_in,
+    Frozen, StepAux, StepConfig, StepDraws, TrainBatch, UnetInputs, dropout_masks,
+    load_unet_for_training, prepare_inputs, training_loss, widen_conv_in,
 };
 pub use trainer::{StepReport, TrainConfig, Trainer};
 pub use validate::{Validation, ValidationResult, validate};

@@ -96,7 +96,20 @@ pub struct StepAux<B: Backend> {
 }
 
 fn per_row<B: Backend>(values: &[f32], device: &B::Device) -> Tensor<B, 4> {
-    Tensor::from_data(TensorData::new(values.to_vec(), [values.len(), 1, 1, 1]), device)
+    Tensor::from_data(
+        TensorData::new(values.to_vec(), [values.len(), 1, 1, 1]),
+        device,
+    )
+}
+
+/// What the UNet gets and what it should predict.
+pub struct UnetInputs<B: Backend> {
+    /// `[b, 8, h, w]`: noisy latents and image latents.
+    pub sample: Tensor<B, 4>,
+    pub timesteps: Tensor<B, 1>,
+    /// `[b, tokens, hidden]`, text embeddings after dropout.
+    pub context: Tensor<B, 3>,
+    pub aux: StepAux<B>,
 }
 
 /// The conditioning the UNet sees and the target, computed on the frozen parts: no graph.
@@ -106,7 +119,7 @@ pub fn prepare_inputs<B: Backend>(
     config: &StepConfig,
     batch: &TrainBatch<B>,
     draws: &StepDraws<B>,
-) -> Result<(Tensor<B, 4>, Tensor<B, 1>, Tensor<B, 3>, StepAux<B>), TrainError> {
+) -> Result<UnetInputs<B>, TrainError> {
     let b = batch.input_ids.len();
     let [eb, ..] = batch.edited.dims();
     if batch.original.dims() != batch.edited.dims() || eb != b {
@@ -141,8 +154,14 @@ pub fn prepare_inputs<B: Backend>(
     let mut image_embeds = image_embeds;
     if p > 0.0 {
         let (drop_text, drop_image) = dropout_masks(&draws.random_p, p);
-        let keep_text: Vec<f32> = drop_text.iter().map(|&d| if d { 0.0 } else { 1.0 }).collect();
-        let keep_image: Vec<f32> = drop_image.iter().map(|&d| if d { 0.0 } else { 1.0 }).collect();
+        let keep_text: Vec<f32> = drop_text
+            .iter()
+            .map(|&d| if d { 0.0 } else { 1.0 })
+            .collect();
+        let keep_image: Vec<f32> = drop_image
+            .iter()
+            .map(|&d| if d { 0.0 } else { 1.0 })
+            .collect();
         let keep_text = per_row::<B>(&keep_text, &device).squeeze_dim::<3>(3);
         let uncond = frozen.text.uncond().cast(DType::F32);
         // torch.where(mask, null, cond) == cond·keep + null·(1 - keep), exactly, for 0/1 keep.
@@ -171,17 +190,17 @@ pub fn prepare_inputs<B: Backend>(
         TensorData::new(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), [b]),
         &device,
     );
-    Ok((
+    Ok(UnetInputs {
         sample,
         timesteps,
         context,
-        StepAux {
+        aux: StepAux {
             latents,
             noisy_latents: noisy,
             image_embeds,
             target,
         },
-    ))
+    })
 }
 
 /// The step's loss: `mse(unet(concat(noisy, image_embeds), t, text), target)`, mean over all
@@ -194,8 +213,12 @@ pub fn training_loss<B: AutodiffBackend>(
     batch: &TrainBatch<B::InnerBackend>,
     draws: &StepDraws<B::InnerBackend>,
 ) -> Result<(Tensor<B, 1>, StepAux<B::InnerBackend>), TrainError> {
-    let (sample, timesteps, context, aux) =
-        prepare_inputs(frozen, scheduler, config, batch, draws)?;
+    let UnetInputs {
+        sample,
+        timesteps,
+        context,
+        aux,
+    } = prepare_inputs(frozen, scheduler, config, batch, draws)?;
     let pred = unet.forward(
         Tensor::<B, 4>::from_inner(sample),
         Tensor::<B, 1>::from_inner(timesteps),

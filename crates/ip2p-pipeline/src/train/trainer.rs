@@ -72,8 +72,10 @@ pub struct StepReport {
     pub seconds: f64,
     pub checkpoint: Option<PathBuf>,
     pub validation: Option<ValidationResult>,
-    /// Rows skipped so far (row number, reason).
+    /// Rows skipped so far.
     pub skipped_rows: usize,
+    /// Rows skipped during this step (row number, reason), each reported once.
+    pub newly_skipped: Vec<(usize, String)>,
 }
 
 /// A training run in progress.
@@ -115,9 +117,7 @@ impl<A: AutodiffBackend> Trainer<A> {
                 unet.in_channels
             )));
         }
-        let ema = config
-            .ema_decay
-            .map(|d| Ema::new(unet.valid(), d));
+        let ema = config.ema_decay.map(|d| Ema::new(unet.valid(), d));
         Ok(Self {
             optimizer: AdamW::new(config.adamw),
             order: DataOrder::new(config.seed),
@@ -182,6 +182,7 @@ impl<A: AutodiffBackend> Trainer<A> {
     /// One optimiser step: `gradient_accumulation` micro-batches of `batch_size` pairs.
     pub fn train_step(&mut self, loader: &mut BatchLoader<'_>) -> Result<StepReport, TrainError> {
         let start = Instant::now();
+        let skipped_before = loader.skipped.len();
         let n = self.config.gradient_accumulation;
         let step_config = StepConfig {
             conditioning_dropout: self.config.conditioning_dropout,
@@ -196,8 +197,12 @@ impl<A: AutodiffBackend> Trainer<A> {
                 .wrapping_mul(0x2545_F491_4F6C_DD1D)
                 .wrapping_add((self.step * n + micro) as u64);
             let mut rng = SplitMix::new(seed);
-            let batch =
-                loader.next_batch::<A::InnerBackend>(&mut self.order, self.config.batch_size, &mut rng, &self.device)?;
+            let batch = loader.next_batch::<A::InnerBackend>(
+                &mut self.order,
+                self.config.batch_size,
+                &mut rng,
+                &self.device,
+            )?;
             let [b, _, h, w] = batch.edited.dims();
             let f = self.frozen.vae.downscale_factor();
             let latent = [b, self.frozen.vae.config.latent_channels, h / f, w / f];
@@ -241,6 +246,7 @@ impl<A: AutodiffBackend> Trainer<A> {
             checkpoint: None,
             validation: None,
             skipped_rows: loader.skipped.len(),
+            newly_skipped: loader.skipped[skipped_before..].to_vec(),
         })
     }
 
@@ -271,7 +277,14 @@ impl<A: AutodiffBackend> Trainer<A> {
                     Some(e) => e.model.clone(),
                     None => self.unet.valid(),
                 };
-                report.validation = Some(validate(&model, &self.frozen, &self.scheduler, v, self.step, &self.config.output)?);
+                report.validation = Some(validate(
+                    &model,
+                    &self.frozen,
+                    &self.scheduler,
+                    v,
+                    self.step,
+                    &self.config.output,
+                )?);
             }
             if every(self.config.checkpoint_every) || last {
                 report.checkpoint = Some(self.save()?);

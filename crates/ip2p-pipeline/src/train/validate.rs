@@ -60,7 +60,10 @@ impl Validation {
     }
 
     fn tensor<B: Backend>(&self, v: &[f32], device: &B::Device) -> Tensor<B, 4> {
-        Tensor::from_data(burn::tensor::TensorData::new(v.to_vec(), self.shape), device)
+        Tensor::from_data(
+            burn::tensor::TensorData::new(v.to_vec(), self.shape),
+            device,
+        )
     }
 }
 
@@ -109,7 +112,8 @@ pub fn validate<B: Backend>(
         conditioning_dropout: v.conditioning_dropout,
         prediction_type: train_scheduler.config().prediction_type,
     };
-    let (sample, t, context, aux) = prepare_inputs(frozen, train_scheduler, &config, &batch, &draws)?;
+    let inputs = prepare_inputs(frozen, train_scheduler, &config, &batch, &draws)?;
+    let (sample, t, context, aux) = (inputs.sample, inputs.timesteps, inputs.context, inputs.aux);
     let pred = unet.forward(sample, t, context)?;
     let loss: f64 = (pred - aux.target)
         .square()

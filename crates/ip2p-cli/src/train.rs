@@ -1,0 +1,243 @@
+//! `ip2p train --model DIR --data DIR --output DIR`: fine-tune InstructPix2Pix.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use burn::tensor::DType;
+use burn::tensor::backend::AutodiffBackend;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use ip2p_pipeline::EditOptions;
+use ip2p_pipeline::train::data::{BadRows, Dataset, load_rows};
+use ip2p_pipeline::train::optim::AdamWSettings;
+use ip2p_pipeline::train::{
+    Autodiff, BalancedCheckpointing, Frozen, TrainConfig, Trainer, Validation, latest_checkpoint,
+    load_unet_for_training,
+};
+use ip2p_sched::SchedulerConfig;
+use ip2p_text::PromptEncoder;
+use ip2p_vae::AutoencoderKL;
+
+use crate::backend::BackendKind;
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A diffusers folder: InstructPix2Pix (8-channel UNet) or Stable Diffusion (4-channel
+    /// UNet, widened to 8 with zero weights for the new channels).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// A dataset folder prepared with `ip2p prepare-data`.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Checkpoints, validation images and logs go here.
+    #[arg(long, value_name = "DIR")]
+    pub output: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub resolution: u32,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub max_train_steps: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub learning_rate: f64,
+    #[arg(long, default_value_t = 0)]
+    pub lr_warmup_steps: usize,
+    /// Clip the global gradient norm; 0 turns clipping off.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1e-2)]
+    pub adam_weight_decay: f64,
+    /// Keep an EMA of the UNet (decay 0.9999, diffusers' EMAModel schedule).
+    #[arg(long)]
+    pub use_ema: bool,
+    #[arg(long, default_value_t = 0.05)]
+    pub conditioning_dropout_prob: f64,
+    #[arg(long)]
+    pub random_flip: bool,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 500)]
+    pub checkpointing_steps: usize,
+    /// Validate every N steps on the first --num-validation rows (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub validation_steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub num_validation: usize,
+    #[arg(long, default_value_t = 20)]
+    pub validation_inference_steps: usize,
+    /// Continue from a checkpoint folder, or `latest` (the newest under --output).
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<String>,
+    /// Recompute activations in the backward pass (Burn's balanced checkpointing).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Stop at the first bad dataset row instead of reporting and skipping it.
+    #[arg(long)]
+    pub strict: bool,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: &TrainArgs) -> Result<()> {
+    crate::backend::dispatch!(args.backend, (), |device, _probe| {
+        if args.gradient_checkpointing {
+            train::<Autodiff<B, BalancedCheckpointing>>(args, &device)
+        } else {
+            train::<Autodiff<B>>(args, &device)
+        }
+    })
+}
+
+fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()> {
+    let model = &args.model;
+    let unet_dir = model.join("unet");
+    let (unet, widened) = load_unet_for_training::<A>(&unet_dir, device)
+        .with_context(|| format!("loading {}", unet_dir.display()))?;
+    if widened {
+        eprintln!("widened the 4-channel UNet's conv_in to 8 channels (new weights zero)");
+    }
+    let vae = AutoencoderKL::<A::InnerBackend>::load(model.join("vae"), device, DType::F32, None)?;
+    let text = PromptEncoder::<A::InnerBackend>::load(model, None, device)?;
+    let scheduler_config =
+        SchedulerConfig::from_file(model.join("scheduler").join("scheduler_config.json"))?;
+    let data = Dataset::open(&args.data)?;
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("creating {}", args.output.display()))?;
+
+    let config = TrainConfig {
+        resolution: args.resolution,
+        batch_size: args.batch_size,
+        gradient_accumulation: args.gradient_accumulation_steps,
+        max_steps: args.max_train_steps,
+        adamw: AdamWSettings {
+            lr: args.learning_rate,
+            weight_decay: args.adam_weight_decay,
+            max_grad_norm: (args.max_grad_norm > 0.0).then_some(args.max_grad_norm),
+            warmup_steps: args.lr_warmup_steps,
+            ..AdamWSettings::default()
+        },
+        ema_decay: args.use_ema.then_some(0.9999),
+        conditioning_dropout: args.conditioning_dropout_prob,
+        random_flip: args.random_flip,
+        seed: args.seed,
+        checkpoint_every: args.checkpointing_steps,
+        validate_every: args.validation_steps,
+        bad_rows: if args.strict {
+            BadRows::Stop
+        } else {
+            BadRows::Skip
+        },
+        output: args.output.clone(),
+    };
+    let validation = if args.validation_steps > 0 {
+        let rows: Vec<usize> = (0..args.num_validation.min(data.len())).collect();
+        let rows = load_rows::<A::InnerBackend>(&data, &rows, args.resolution, device)?;
+        Some(Validation::new(
+            rows.original,
+            rows.edited,
+            rows.input_ids,
+            scheduler_config.clone(),
+            EditOptions {
+                steps: args.validation_inference_steps,
+                guidance_scale: 7.0,
+                image_guidance_scale: 1.5,
+                seed: args.seed,
+                ..EditOptions::default()
+            },
+        )?)
+    } else {
+        None
+    };
+    let mut trainer = Trainer::<A>::new(
+        unet,
+        Frozen { vae, text },
+        &scheduler_config,
+        &unet_dir.join("config.json"),
+        config,
+        device,
+    )?;
+    if let Some(from) = &args.resume_from_checkpoint {
+        let dir = if from == "latest" {
+            latest_checkpoint(&args.output)
+                .with_context(|| format!("no checkpoint under {}", args.output.display()))?
+        } else {
+            PathBuf::from(from)
+        };
+        trainer.resume(&dir)?;
+        eprintln!("resumed from {} at step {}", dir.display(), trainer.step);
+    }
+
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(args.max_train_steps as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "train [{bar:30}] {pos}/{len} steps, {msg}, {elapsed} (eta {eta})",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_position(trainer.step as u64);
+    // One JSON line per optimiser step: step, loss, lr, grad norm, seconds.
+    let log_path = args.output.join("train_log.jsonl");
+    let result = trainer.run(&data, validation.as_ref(), &mut |r| {
+        bar.set_position(r.step as u64);
+        bar.set_message(format!("loss {:.4}, lr {:.2e}", r.loss, r.lr));
+        for (row, reason) in &r.newly_skipped {
+            bar.suspend(|| eprintln!("warning: skipped row {row}: {reason}"));
+        }
+        let line = serde_json::json!({"step": r.step, "loss": r.loss, "lr": r.lr,
+            "grad_norm": r.grad_norm, "seconds": r.seconds, "skipped_rows": r.skipped_rows});
+        if let Err(e) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()))
+        {
+            bar.suspend(|| eprintln!("warning: {}: {e}", log_path.display()));
+        }
+        if let Some(v) = &r.validation {
+            let msg = format!(
+                "step {}: validation loss {:.4} in {:.1}s, images in {}",
+                v.step,
+                v.loss,
+                v.seconds,
+                v.images
+                    .first()
+                    .and_then(|p| p.parent())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+            bar.suspend(|| eprintln!("{msg}"));
+        }
+        if let Some(c) = &r.checkpoint {
+            bar.suspend(|| eprintln!("step {}: checkpoint {}", r.step, c.display()));
+        }
+    });
+    bar.finish();
+    result?;
+    // Final export: the EMA model when there is one, as diffusers' script saves it.
+    let final_dir = args.output.join("unet");
+    match &trainer.ema {
+        Some(ema) => ip2p_pipeline::train::export_unet_diffusers(
+            &ema.model,
+            &unet_dir.join("config.json"),
+            &final_dir,
+        )?,
+        None => {
+            use burn::module::AutodiffModule;
+            ip2p_pipeline::train::export_unet_diffusers(
+                &trainer.unet.valid(),
+                &unet_dir.join("config.json"),
+                &final_dir,
+            )?
+        }
+    }
+    eprintln!("wrote {}", final_dir.display());
+    Ok(())
+}
