@@ -317,3 +317,36 @@ fn validation_runs_the_pipeline_on_stored_ids() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn preprocessing_matches_the_script() {
+    use ip2p_nn::testing::Fixture;
+    use ip2p_pipeline::train::data::preprocess_pair;
+    use ip2p_pipeline::train::resample::resize_bicubic;
+    use ip2p_pipeline::train::rng::SplitMix;
+    let fx = Fixture::open("train/preprocess.safetensors");
+    let to_img = |name: &str| {
+        let (vals, shape) = fx.ints(name);
+        let raw: Vec<u8> = vals.iter().map(|&v| v as u8).collect();
+        RgbImage::from_raw(shape[1] as u32, shape[0] as u32, raw).unwrap()
+    };
+    for case in ["down", "up", "wide"] {
+        let input = to_img(&format!("{case}.input"));
+        let expected = to_img(&format!("{case}.resized"));
+        let res = expected.width();
+        // PIL's resize, bit for bit.
+        assert_eq!(resize_bicubic(&input, res, res), expected, "{case}");
+        // Both images of a pair get the same flip: over many draws, both flipped or neither.
+        let mut rng = SplitMix::new(1);
+        let mut flips = 0;
+        for _ in 0..16 {
+            let (a, b) = preprocess_pair(&input, &input, res, true, &mut rng);
+            assert_eq!(a, b);
+            if a != expected {
+                assert_eq!(a, image::imageops::flip_horizontal(&expected));
+                flips += 1;
+            }
+        }
+        assert!(flips > 0 && flips < 16, "random flips: {flips}/16");
+    }
+}

@@ -18,7 +18,7 @@
 //! are, never decoded to text and back. Blank lines are ignored.
 //!
 //! Preprocessing, as diffusers' `train_instruct_pix2pix.py`: both images resized to
-//! `resolution × resolution` (bicubic; the script's PIL `resize` default), the same random crop
+//! `resolution × resolution` (PIL's default bicubic `resize`, bit-exact), the same random crop
 //! (a no-op after the square resize, kept for non-square resolutions) and the same random
 //! horizontal flip for both images of a pair, then scaled to [-1, 1].
 //!
@@ -32,10 +32,11 @@ use std::path::{Path, PathBuf};
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use image::RgbImage;
-use image::imageops::{self, FilterType};
+use image::imageops;
 use ip2p_text::ClipTokenizer;
 
 use super::TrainError;
+use super::resample::resize_bicubic;
 use super::rng::SplitMix;
 use super::step::TrainBatch;
 
@@ -250,7 +251,7 @@ pub fn preprocess_pair(
         if img.dimensions() == (resolution, resolution) {
             img.clone()
         } else {
-            imageops::resize(img, resolution, resolution, FilterType::CatmullRom)
+            resize_bicubic(img, resolution, resolution)
         }
     };
     let (mut a, mut b) = (resize(input), resize(edited));

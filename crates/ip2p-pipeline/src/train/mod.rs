@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod optim;
+pub mod resample;
 pub mod rng;
 pub mod step;
 pub mod trainer;
