@@ -284,3 +284,28 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         1e-3,
     );
 }
+
+#[test]
+fn v_prediction_target_matches_get_velocity() {
+    let Setup {
+        fx,
+        frozen,
+        sched,
+        batch,
+        draws,
+        meta,
+        ..
+    } = setup();
+    let config = StepConfig {
+        conditioning_dropout: meta.p,
+        prediction_type: PredictionType::VPrediction,
+    };
+    let inputs = prepare_inputs(&frozen, &sched, &config, &batch, &draws).unwrap();
+    // sqrt(ᾱ)·noise − sqrt(1−ᾱ)·latents in f32: 1e-5.
+    assert_close(
+        "v target",
+        inputs.aux.target,
+        fx.tensor("v_target", &Default::default()),
+        1e-5,
+    );
+}
