@@ -7,7 +7,15 @@ use clap::Args;
 use ip2p_pipeline::train::data::{BadRows, prepare_data};
 use ip2p_text::ClipTokenizer;
 
+/// The dataset folder format (also in `ip2p_pipeline::train::data`):
+///
+///   <data>/metadata.jsonl  one JSON object per line:
+///       {"input_image": "in/0001.png", "edit_prompt": "make it snowy", "edited_image": "out/0001.png"}
+///       (the InstructPix2Pix datasets' columns; image paths relative to <data>)
+///   <data>/tokens.jsonl    written here: {"row", "input_image", "edited_image", "input_ids"} per
+///       usable row; `ip2p train` reads only this file and the images.
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct PrepareDataArgs {
     /// The dataset folder: `metadata.jsonl` with rows {"input_image", "edit_prompt",
     /// "edited_image"} (image paths relative to the folder). Writes `tokens.jsonl` there.

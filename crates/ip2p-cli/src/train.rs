@@ -60,7 +60,11 @@ pub struct TrainArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 500)]
     pub checkpointing_steps: usize,
-    /// Validate every N steps on the first --num-validation rows (0: never).
+    /// Validation pairs: another prepared dataset folder (default: the training data's first
+    /// --num-validation rows).
+    #[arg(long, value_name = "DIR")]
+    pub validation_data: Option<PathBuf>,
+    /// Validate every N steps on --num-validation fixed pairs (0: never).
     #[arg(long, default_value_t = 0)]
     pub validation_steps: usize,
     #[arg(long, default_value_t = 2)]

@@ -264,17 +264,81 @@ fn strict_mode_stops_at_a_bad_row_and_keeps_checkpoints() {
     std::fs::remove_file(dir.join("img/gone_out.png")).unwrap();
     let data = Dataset::open(&dir).unwrap();
     let out = dir.join("run");
-    let mut t = trainer(&out, 50);
-    t.config.bad_rows = BadRows::Stop;
+    let mut t = trainer(&out, 2);
     t.config.gradient_accumulation = 1;
     t.config.batch_size = 1;
     t.config.checkpoint_every = 1;
+    // Skipping: two steps on the one good row, two checkpoints.
+    let mut skipped = Vec::new();
+    t.run(&data, None, &mut |r| {
+        skipped.extend(r.newly_skipped.clone())
+    })
+    .unwrap();
+    let rows: Vec<usize> = skipped.iter().map(|(r, _)| *r).collect();
+    assert!(
+        rows.iter().all(|r| [2, 3].contains(r)) && !rows.is_empty(),
+        "{skipped:?}"
+    );
+    // Stopping: the next bad row ends the run with its row number...
+    t.config.bad_rows = BadRows::Stop;
+    t.config.max_steps = 50;
     let err = t.run(&data, None, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("row 2") || err.contains("row 3"), "{err}");
-    // Steps done before the bad row were checkpointed, and they are still there.
-    if t.step > 0 {
-        assert!(latest_checkpoint(&out).is_some());
+    // ...and the checkpoints already written are intact and load.
+    let latest = latest_checkpoint(&out).unwrap();
+    let last_step = t.step;
+    assert_eq!(latest, out.join(format!("checkpoint-{last_step}")));
+    for step in 1..=last_step {
+        let loaded =
+            load_checkpoint::<I>(&out.join(format!("checkpoint-{step}")), &Default::default())
+                .unwrap();
+        assert_eq!(loaded.state.step, step);
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_four_channel_unet_is_widened_on_load() {
+    // A 4-channel SD-style UNet folder, written with the diffusers export.
+    let dev = Default::default();
+    let dir = temp_dir("widen");
+    let mut cfg =
+        ip2p_unet::UNet2DConditionConfig::from_file(tiny().join("unet/config.json")).unwrap();
+    cfg.in_channels = 4;
+    let sd = UNet2DConditionModel::<I>::from_config(&cfg, &dev).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("unet/config.json")).unwrap())
+            .unwrap();
+    config["in_channels"] = 4.into();
+    std::fs::write(dir.join("source_config.json"), config.to_string()).unwrap();
+    export_unet_diffusers(&sd, &dir.join("source_config.json"), &dir.join("unet")).unwrap();
+    // (Compare with the file: a fresh model's parameters are initialised lazily, per clone.)
+    let sd = UNet2DConditionModel::<I>::load(dir.join("unet"), None, DType::F32, &dev).unwrap();
+    assert_eq!(sd.in_channels, 4);
+    let (unet, widened) = load_unet_for_training::<B>(&dir.join("unet"), &dev).unwrap();
+    assert!(widened);
+    assert_eq!(unet.in_channels, 8);
+    let w = unet.conv_in.weight.val().inner();
+    let [o, _, k1, k2] = w.dims();
+    assert_close(
+        "old weights",
+        w.clone().slice([0..o, 0..4, 0..k1, 0..k2]),
+        sd.conv_in.weight.val(),
+        0.0,
+    );
+    assert_eq!(
+        w.slice([0..o, 4..8, 0..k1, 0..k2])
+            .abs()
+            .max()
+            .into_scalar(),
+        0.0
+    );
+    assert_close(
+        "bias kept",
+        unet.conv_in.bias.as_ref().unwrap().val().inner(),
+        sd.conv_in.bias.as_ref().unwrap().val(),
+        0.0,
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

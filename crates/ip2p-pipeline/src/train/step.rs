@@ -243,7 +243,9 @@ pub fn widen_conv_in<B: Backend>(
         )));
     }
     let zeros = Tensor::<B, 4>::zeros([o, i, kh, kw], &weight.device()).cast(weight.dtype());
-    let wide = Tensor::cat(vec![weight, zeros], 1);
+    // Detached: a new leaf (on an autodiff backend the concatenation is not one, and a
+    // parameter must be).
+    let wide = Tensor::cat(vec![weight, zeros], 1).detach();
     let conv: Conv2d<B> = Conv2d {
         weight: Param::from_tensor(wide),
         ..unet.conv_in.clone()
