@@ -309,3 +309,99 @@ fn v_prediction_target_matches_get_velocity() {
         1e-5,
     );
 }
+
+/// Row `i` of a batch and its draws.
+fn row(batch: &TrainBatch<I>, draws: &StepDraws<I>, i: usize) -> (TrainBatch<I>, StepDraws<I>) {
+    let pick = |t: &Tensor<I, 4>| t.clone().narrow(0, i, 1);
+    (
+        TrainBatch {
+            original: pick(&batch.original),
+            edited: pick(&batch.edited),
+            input_ids: vec![batch.input_ids[i].clone()],
+        },
+        StepDraws {
+            sample_noise: pick(&draws.sample_noise),
+            noise: pick(&draws.noise),
+            timesteps: vec![draws.timesteps[i]],
+            random_p: vec![draws.random_p[i]],
+        },
+    )
+}
+
+#[test]
+fn accumulated_micro_batches_give_the_batch_gradient() {
+    // accelerate's accumulation: each micro-batch's loss / n, gradients summed. With one row
+    // per micro-batch that is the whole batch's mean loss gradient (GroupNorm is per sample).
+    use burn::optim::GradientsAccumulator;
+    let Setup {
+        frozen,
+        sched,
+        unet,
+        batch,
+        draws,
+        meta,
+        ..
+    } = setup();
+    let config = StepConfig {
+        conditioning_dropout: meta.p,
+        prediction_type: PredictionType::Epsilon,
+    };
+    let (loss, _) = training_loss(&unet, &frozen, &sched, &config, &batch, &draws).unwrap();
+    let whole = GradientsParams::from_grads(loss.backward(), &unet);
+    let n = batch.input_ids.len();
+    let mut acc = GradientsAccumulator::<UNet2DConditionModel<B>>::new();
+    for i in 0..n {
+        let (b, d) = row(&batch, &draws, i);
+        let (loss, _) = training_loss(&unet, &frozen, &sched, &config, &b, &d).unwrap();
+        let g = loss.div_scalar(n as f64).backward();
+        acc.accumulate(&unet, GradientsParams::from_grads(g, &unet));
+    }
+    let accumulated = acc.grads();
+    let a = named_grads::<B, _>(&unet, &whole);
+    let b = named_grads::<B, _>(&unet, &accumulated);
+    assert_eq!(a.len(), b.len());
+    for key in [
+        "conv_in.weight",
+        "time_embedding.linear_1.weight",
+        "conv_out.bias",
+    ] {
+        // Different summation order only: 1e-5.
+        assert_close(
+            &format!("accumulated {key}"),
+            b[key].clone(),
+            a[key].clone(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn ema_follows_diffusers_decay_schedule() {
+    use ip2p_pipeline::train::optim::Ema;
+    use std::collections::BTreeMap;
+    let dev = Default::default();
+    let linear = burn::nn::LinearConfig::new(2, 1).init::<I>(&dev);
+    let mut ema = Ema::new(linear, 0.9999);
+    let value = |v: f32| {
+        let mut m = BTreeMap::new();
+        m.insert(
+            "weight".to_string(),
+            Tensor::<I, 1>::from_floats([v, v], &dev),
+        );
+        m
+    };
+    // diffusers EMAModel.get_decay: 0 at the first step (a copy), then (1+s)/(10+s).
+    let mut expected = 0.0f64;
+    for (k, v) in [1.0f32, 2.0, 4.0].into_iter().enumerate() {
+        let d = if k == 0 {
+            0.0
+        } else {
+            (1.0 + k as f64) / (10.0 + k as f64)
+        };
+        assert!((ema.next_decay() - d).abs() < 1e-12);
+        ema.update(&value(v));
+        expected = expected - (1.0 - d) * (expected - v as f64);
+    }
+    let w: Vec<f32> = ema.model.weight.val().into_data().to_vec().unwrap();
+    assert!((w[0] as f64 - expected).abs() < 1e-6, "{w:?} vs {expected}");
+}
