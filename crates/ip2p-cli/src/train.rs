@@ -84,6 +84,10 @@ pub struct TrainArgs {
     pub backend: BackendKind,
     #[arg(long)]
     pub quiet: bool,
+    /// Write only the trained UNet to <output>/unet, not the whole pipeline folder (the
+    /// VAE, text encoder, tokenizer and scheduler copied from --model).
+    #[arg(long)]
+    pub no_save_pipeline: bool,
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
@@ -242,6 +246,38 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
             )?
         }
     }
-    eprintln!("wrote {}", final_dir.display());
+    if args.no_save_pipeline {
+        eprintln!("wrote {}", final_dir.display());
+    } else {
+        // The rest of the pipeline, as diffusers' script saves it: --output is then a model
+        // folder `ip2p edit --model` takes.
+        for part in [
+            "model_index.json",
+            "vae",
+            "text_encoder",
+            "tokenizer",
+            "scheduler",
+        ] {
+            let from = model.join(part);
+            if from.exists() {
+                copy_all(&from, &args.output.join(part))
+                    .with_context(|| format!("copying {}", from.display()))?;
+            }
+        }
+        eprintln!("wrote the pipeline to {}", args.output.display());
+    }
     Ok(())
+}
+
+fn copy_all(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    if from.is_dir() {
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            copy_all(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else {
+        std::fs::copy(from, to).map(|_| ())
+    }
 }
