@@ -66,7 +66,8 @@ def build(args, torch):
         vae = AutoencoderKL(**SD15_VAE)
         text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
         bpe = os.path.join(ROOT, "fixtures/clip-bpe")
-        tok = CLIPTokenizer(os.path.join(bpe, "vocab.json"), os.path.join(bpe, "merges.txt"))
+        tok = CLIPTokenizer(os.path.join(bpe, "vocab.json"), os.path.join(bpe, "merges.txt"),
+                            model_max_length=77)
     elif args.preset == "tiny":
         torch.manual_seed(0)
         tiny = os.path.join(ROOT, "fixtures/models/tiny")

@@ -166,7 +166,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                     "diffusers reference: {} ({versions}); random weights of the same architecture drawn by PyTorch (not the same numbers as ip2p's: timing and memory do not depend on them); CPU cells only.",
                     python.display()
                 ));
-                xtask::reference::run(&python, &mut cells, &models, &mut notes, &pb)?;
+                xtask::reference::run(&python, &mut cells, &models, &pb)?;
             }
             Err(e) => notes.push(format!("--reference diffusers skipped: {e:#}")),
         }

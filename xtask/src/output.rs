@@ -172,7 +172,7 @@ impl Report {
         if self.cells.iter().any(|c| c.reference.is_some()) {
             let _ = writeln!(
                 s,
-                "\n## ip2p vs diffusers (same cells, same process machine)\n"
+                "\n## ip2p vs diffusers (same cells, same machine, one after the other)\n"
             );
             let _ = writeln!(
                 s,

@@ -31,8 +31,6 @@ pub struct RefCell {
 
 #[derive(Debug, Deserialize)]
 struct ScriptOut {
-    #[serde(default)]
-    versions: serde_json::Value,
     cells: Vec<ScriptCell>,
 }
 
@@ -88,7 +86,6 @@ pub fn run(
     python: &Path,
     cells: &mut [CellResult],
     models: &[ModelSource],
-    notes: &mut Vec<String>,
     pb: &indicatif::ProgressBar,
 ) -> Result<()> {
     let script = crate::workspace_root().join("tools/bench/diffusers_bench.py");
@@ -158,12 +155,6 @@ pub fn run(
             });
         match result {
             Ok(out) => {
-                if !out.versions.is_null() {
-                    let note = format!("diffusers reference: {}", out.versions);
-                    if !notes.contains(&note) {
-                        notes.push(note);
-                    }
-                }
                 for rc in out.cells {
                     if let Some(c) = cells.iter_mut().find(|c| {
                         c.ok()
