@@ -98,6 +98,9 @@ pub struct StepInfo<'a, B: Backend> {
     pub latents: &'a Tensor<B, 4>,
 }
 
+/// The per-step callback: progress, previews, cancel.
+pub type StepCallback<'a, B> = &'a mut dyn FnMut(&StepInfo<'_, B>) -> Flow;
+
 /// The callback's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -112,7 +115,7 @@ pub struct RunSettings<'a, B: Backend> {
     /// `latents=`; multiplied by the scheduler's `init_noise_sigma`). Drawn from the seed if `None`.
     pub init_latents: Option<Tensor<B, 4>>,
     pub probe: &'a dyn MemoryProbe,
-    pub callback: Option<&'a mut dyn FnMut(&StepInfo<'_, B>) -> Flow>,
+    pub callback: Option<StepCallback<'a, B>>,
     /// For memory-budget chunking; `None` runs the batch whole.
     pub activation_model: Option<ActivationModel>,
 }
@@ -396,7 +399,7 @@ fn denoise<B: Backend, S>(
     tracker: &mut Tracker<'_>,
     sync: &S,
     chunk_start: usize,
-    callback: &mut Option<&mut dyn FnMut(&StepInfo<'_, B>) -> Flow>,
+    callback: &mut Option<StepCallback<'_, B>>,
 ) -> Result<Tensor<B, 4>, PipelineError>
 where
     S: Fn() -> Result<(), PipelineError>,

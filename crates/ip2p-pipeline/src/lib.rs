@@ -15,7 +15,8 @@ pub mod train;
 
 pub use batching::ActivationModel;
 pub use edit::{
-    EditOptions, EditOutput, Flow, Prompts, RunSettings, StepInfo, run_diffusion_inference_batch,
+    EditOptions, EditOutput, Flow, Prompts, RunSettings, StepCallback, StepInfo,
+    run_diffusion_inference_batch,
 };
 pub use error::PipelineError;
 pub use memory::{CountingAllocator, MemoryProbe, NoProbe, SampledPeak};

@@ -72,8 +72,10 @@ impl RunReport {
     /// A Markdown table: one row per stage (steps folded into one row), then the total.
     pub fn table(&self) -> String {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-        let mut out =
-            format!("| stage | time (s) | current (MiB) | peak (MiB) |\n|---|---:|---:|---:|\n");
+        let mut out = "| stage | time (s) | current (MiB) | peak (MiB) |
+|---|---:|---:|---:|
+"
+        .to_string();
         let mut steps = 0;
         for s in &self.stages {
             if let Stage::Denoise(_) = s.stage {
