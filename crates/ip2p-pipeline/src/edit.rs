@@ -167,7 +167,7 @@ pub fn run_diffusion_inference_batch<B: Backend>(
         mut callback,
         activation_model,
     } = settings;
-    let mut tracker = Tracker::new(probe);
+    let mut tracker = Tracker::new(probe, || B::memory_cleanup(device));
     let sync = || B::sync(device).map_err(|e| PipelineError::Device(e.to_string()));
 
     let n = images_or_latents.dims()[0];

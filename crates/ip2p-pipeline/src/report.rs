@@ -118,13 +118,16 @@ impl RunReport {
 /// Times stages and reads the probe around them.
 pub(crate) struct Tracker<'a> {
     probe: &'a dyn MemoryProbe,
+    /// The backend's own release of cached memory (`Backend::memory_cleanup`).
+    release: Box<dyn Fn() + 'a>,
     pub report: RunReport,
 }
 
 impl<'a> Tracker<'a> {
-    pub fn new(probe: &'a dyn MemoryProbe) -> Self {
+    pub fn new(probe: &'a dyn MemoryProbe, release: impl Fn() + 'a) -> Self {
         Self {
             probe,
+            release: Box::new(release),
             report: RunReport {
                 memory_source: probe.source().to_string(),
                 stages: Vec::new(),
@@ -152,7 +155,9 @@ impl<'a> Tracker<'a> {
         Ok(out)
     }
 
+    /// Give cached device memory back: between stages and every N steps.
     pub fn cleanup(&self) {
+        (self.release)();
         self.probe.cleanup();
     }
 }
