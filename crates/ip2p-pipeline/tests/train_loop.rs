@@ -386,8 +386,8 @@ fn validation_runs_the_pipeline_on_stored_ids() {
 fn preprocessing_matches_the_script() {
     use ip2p_nn::testing::Fixture;
     use ip2p_pipeline::train::data::preprocess_pair;
-    use ip2p_pipeline::train::resample::resize_bicubic;
     use ip2p_pipeline::train::rng::SplitMix;
+    use ip2p_vae::resample::{Filter, resize};
     let fx = Fixture::open("train/preprocess.safetensors");
     let to_img = |name: &str| {
         let (vals, shape) = fx.ints(name);
@@ -399,7 +399,11 @@ fn preprocessing_matches_the_script() {
         let expected = to_img(&format!("{case}.resized"));
         let res = expected.width();
         // PIL's resize, bit for bit.
-        assert_eq!(resize_bicubic(&input, res, res), expected, "{case}");
+        assert_eq!(
+            resize(&input, res, res, Filter::Bicubic),
+            expected,
+            "{case}"
+        );
         // Both images of a pair get the same flip: over many draws, both flipped or neither.
         let mut rng = SplitMix::new(1);
         let mut flips = 0;

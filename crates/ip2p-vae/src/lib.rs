@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod image_io;
 pub mod model;
+pub mod resample;
 pub mod tiling;
 
 pub use config::VaeConfig;

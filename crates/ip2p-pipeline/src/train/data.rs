@@ -36,9 +36,9 @@ use image::imageops;
 use ip2p_text::ClipTokenizer;
 
 use super::TrainError;
-use super::resample::resize_bicubic;
 use super::rng::SplitMix;
 use super::step::TrainBatch;
+use ip2p_vae::resample::{Filter, resize};
 
 pub const METADATA: &str = "metadata.jsonl";
 pub const TOKENS: &str = "tokens.jsonl";
@@ -251,7 +251,7 @@ pub fn preprocess_pair(
         if img.dimensions() == (resolution, resolution) {
             img.clone()
         } else {
-            resize_bicubic(img, resolution, resolution)
+            resize(img, resolution, resolution, Filter::Bicubic)
         }
     };
     let (mut a, mut b) = (resize(input), resize(edited));

@@ -20,7 +20,6 @@ pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod optim;
-pub mod resample;
 pub mod rng;
 pub mod step;
 pub mod trainer;
