@@ -26,6 +26,31 @@ pub struct ActivationModel {
 const ATTENTION_ROWS: usize = 4096;
 
 impl ActivationModel {
+    /// The estimate's inputs from a resolved UNet config and a VAE config; `with_vae` is false
+    /// when the VAE is not loaded (latent-only work), `dtype` the activations' dtype.
+    pub fn from_configs(
+        unet: &ip2p_unet::UnetPlan,
+        vae: &ip2p_vae::VaeConfig,
+        with_vae: bool,
+        dtype: burn::tensor::DType,
+    ) -> Self {
+        Self {
+            unet_channels: unet.block_out_channels.clone(),
+            unet_heads_level0: unet
+                .down
+                .first()
+                .filter(|l| l.cross_attention)
+                .map_or(0, |l| l.heads),
+            vae_channels: if with_vae {
+                vae.block_out_channels.clone()
+            } else {
+                Vec::new()
+            },
+            vae_factor: vae.downscale_factor(),
+            bytes_per_element: dtype.size(),
+        }
+    }
+
     /// Peak activation bytes of one edit (one image) at latent size `h × w`.
     pub fn bytes_per_edit(&self, h: usize, w: usize, guidance_batch: usize) -> u64 {
         let bpe = self.bytes_per_element as u64;

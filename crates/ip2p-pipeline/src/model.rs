@@ -116,21 +116,8 @@ impl<B: Backend> Ip2pModel<B> {
         };
         let scheduler_config =
             SchedulerConfig::from_file(dir.join("scheduler").join("scheduler_config.json"))?;
-        let activation_model = ActivationModel {
-            unet_channels: plan.block_out_channels.clone(),
-            unet_heads_level0: plan
-                .down
-                .first()
-                .filter(|l| l.cross_attention)
-                .map_or(0, |l| l.heads),
-            vae_channels: if options.vae {
-                vae_config.block_out_channels.clone()
-            } else {
-                Vec::new()
-            },
-            vae_factor: vae_config.downscale_factor(),
-            bytes_per_element: dtype.size(),
-        };
+        let activation_model =
+            ActivationModel::from_configs(&plan, &vae_config, options.vae, dtype);
         Ok(Self {
             dir,
             unet,

@@ -194,21 +194,8 @@ impl<B: Backend> Ip2pModel<B> {
         if let Some(vae) = &vae {
             vae.model.visit(&mut Materialize);
         }
-        let activation_model = ActivationModel {
-            unet_channels: plan.block_out_channels.clone(),
-            unet_heads_level0: plan
-                .down
-                .first()
-                .filter(|l| l.cross_attention)
-                .map_or(0, |l| l.heads),
-            vae_channels: if options.vae {
-                vae_config.block_out_channels.clone()
-            } else {
-                Vec::new()
-            },
-            vae_factor: vae_config.downscale_factor(),
-            bytes_per_element: dtype.size(),
-        };
+        let activation_model =
+            ActivationModel::from_configs(&plan, &vae_config, options.vae, dtype);
         Ok(Self {
             dir: PathBuf::from(format!("<random {}>", preset.name())),
             unet,
