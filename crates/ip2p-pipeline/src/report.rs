@@ -64,7 +64,7 @@ impl RunReport {
             .fold((0.0, 0), |(t, p), s| (t + s.seconds, p.max(s.peak_bytes)))
     }
 
-    /// The record of one kind of stage, steps summed (`None` if it did not run).
+    /// The first record of `stage` (`None` if it did not run).
     pub fn stage(&self, stage: Stage) -> Option<&StageRecord> {
         self.stages.iter().find(|s| s.stage == stage)
     }
