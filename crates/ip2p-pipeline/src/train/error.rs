@@ -5,18 +5,9 @@ use std::path::PathBuf;
 /// Why training, validation or data preparation stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    /// A model part or the pipeline failed (component errors arrive through `PipelineError`).
     #[error(transparent)]
     Pipeline(#[from] crate::PipelineError),
-    #[error(transparent)]
-    Load(#[from] ip2p_nn::LoadError),
-    #[error("text: {0}")]
-    Text(#[from] ip2p_text::TextError),
-    #[error("VAE: {0}")]
-    Vae(#[from] ip2p_vae::VaeError),
-    #[error("UNet: {0}")]
-    Unet(#[from] ip2p_unet::UnetError),
-    #[error("scheduler: {0}")]
-    Sched(#[from] ip2p_sched::SchedError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -51,3 +42,21 @@ impl TrainError {
         }
     }
 }
+
+/// Component errors become `TrainError::Pipeline`, worded once, by `PipelineError`.
+macro_rules! via_pipeline {
+    ($($t:ty),*) => {$(
+        impl From<$t> for TrainError {
+            fn from(e: $t) -> Self {
+                TrainError::Pipeline(e.into())
+            }
+        }
+    )*};
+}
+via_pipeline!(
+    ip2p_nn::LoadError,
+    ip2p_text::TextError,
+    ip2p_vae::VaeError,
+    ip2p_unet::UnetError,
+    ip2p_sched::SchedError
+);
