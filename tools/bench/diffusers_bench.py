@@ -2,7 +2,8 @@
 """The diffusers side of `cargo xtask bench --reference diffusers`.
 
 Builds an InstructPix2Pix pipeline of a built-in architecture with seeded random weights (or
-loads a diffusers folder), runs the paths of one cell group (full-cycle, latent-in,
+loads a diffusers folder; `--save DIR` writes the built one as a diffusers folder, so that ip2p
+loads the same weights), runs the paths of one cell group (full-cycle, latent-in,
 latent-only) with the same resolution, batch, steps, warm-up and repeats as ip2p, and prints
 one JSON line: per path the median wall time, per-stage medians and the process's peak RSS
 over the measured runs (Linux VmHWM, reset before each path through /proc/self/clear_refs;
@@ -85,6 +86,25 @@ def build(args, torch):
     return unet, vae, text, tok, sched
 
 
+def save(args, parts):
+    """Write `parts` as a diffusers InstructPix2Pix folder at args.save, for ip2p to load the same
+    weights. Written aside and renamed, so a complete folder is the only kind that exists."""
+    import shutil
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    unet, vae, text, tok, sched = parts
+    tmp = args.save + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
+        feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(args.save, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.save)), exist_ok=True)
+    os.rename(tmp, args.save)
+    print(json.dumps(dict(saved=args.save)))
+
+
 def reset_rss():
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -164,6 +184,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--paths", default="full-cycle,latent-in,latent-only")
+    ap.add_argument("--save", help="save the preset's random weights as a diffusers folder here, and exit")
     args = ap.parse_args()
 
     import torch
@@ -172,6 +193,9 @@ def main():
 
     torch.set_grad_enabled(False)
     parts = build(args, torch)
+    if args.save:
+        save(args, parts)
+        return
     vae = parts[1]
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     b, h, w = args.batch, args.height, args.width

@@ -44,7 +44,8 @@ pub struct Plan {
     pub steps: Option<usize>,
     pub warmup: Option<usize>,
     pub repeats: Option<usize>,
-    /// Run every model on a software WGPU adapter (otherwise: only the tiny preset).
+    /// Run every model on a software WGPU adapter at its usual size (otherwise: only the tiny
+    /// preset, at [`Plan::for_software_adapter`]'s size).
     pub software_full: bool,
 }
 
@@ -57,20 +58,20 @@ pub struct Defaults {
 }
 
 pub fn defaults(model: &ModelSource) -> Defaults {
-    match model {
-        ModelSource::Preset(Preset::Tiny) => Defaults {
+    match model.preset() {
+        Some(Preset::Tiny) => Defaults {
             resolution: (64, 64),
             steps: 4,
             warmup: 1,
             repeats: 3,
         },
-        ModelSource::Preset(Preset::Sd15) => Defaults {
+        Some(Preset::Sd15) => Defaults {
             resolution: (256, 256),
             steps: 1,
             warmup: 0,
             repeats: 1,
         },
-        ModelSource::Dir(_) => Defaults {
+        None => Defaults {
             resolution: (512, 512),
             steps: 2,
             warmup: 0,
@@ -107,6 +108,19 @@ impl Plan {
             }
         }
         out
+    }
+
+    /// The plan for a software adapter: sizes and counts the user left open become one 32×32
+    /// step after one warm-up run, which absorbs the shader compilation (minutes on lavapipe).
+    pub fn for_software_adapter(&self) -> Plan {
+        let mut plan = self.clone();
+        if plan.resolutions.is_empty() {
+            plan.resolutions = vec![(32, 32)];
+        }
+        plan.steps.get_or_insert(1);
+        plan.warmup.get_or_insert(1);
+        plan.repeats.get_or_insert(1);
+        plan
     }
 
     /// Edits the plan runs for these models (for the progress bar).
@@ -225,58 +239,54 @@ pub fn skip_all(
     out
 }
 
-/// What the WGPU adapter is, if it can be told without initialising wgpu: `vulkaninfo
-/// --summary` when installed, else the installed Vulkan drivers (only lavapipe: software).
-/// Returns `(description, is_software)`.
-pub fn vulkan_adapter() -> Option<(String, bool)> {
-    if let Ok(name) = std::env::var("IP2P_WGPU_ADAPTER") {
-        let soft = is_software_name(&name);
-        return Some((name, soft));
-    }
-    if let Ok(out) = std::process::Command::new("vulkaninfo")
-        .arg("--summary")
-        .output()
-        && out.status.success()
-    {
-        let text = String::from_utf8_lossy(&out.stdout);
-        let names: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("deviceName"))
-            .map(|l| l.trim_start_matches([' ', '=']).trim())
-            .collect();
-        let types: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("deviceType"))
-            .map(|l| l.trim_start_matches([' ', '=']).trim())
-            .collect();
-        if !names.is_empty() {
-            let soft = types.iter().all(|t| t.contains("CPU"))
-                || names.iter().all(|n| is_software_name(n));
-            return Some((names.join(", "), soft));
-        }
-    }
-    let mut drivers = Vec::new();
-    for dir in ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"] {
-        if let Ok(rd) = std::fs::read_dir(dir) {
-            drivers.extend(
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().to_string()),
-            );
-        }
-    }
-    if drivers.is_empty() {
-        return None;
-    }
-    let soft = drivers.iter().all(|d| d.starts_with("lvp"));
-    Some((format!("Vulkan drivers: {}", drivers.join(", ")), soft))
+/// The WGPU adapter Burn's default device runs on, as wgpu describes it.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub name: String,
+    /// wgpu's device type: `DiscreteGpu`, `IntegratedGpu`, `VirtualGpu`, `Cpu` or `Other`.
+    pub device_type: String,
+    /// The graphics API: `Vulkan`, `Metal`, `Dx12`, ...
+    pub api: String,
+    /// A CPU rasteriser (lavapipe/llvmpipe, SwiftShader): about 100× slower than the CPU backend.
+    pub software: bool,
 }
 
+impl Adapter {
+    pub fn describe(&self) -> String {
+        format!("{} ({}, {})", self.name, self.device_type, self.api)
+    }
+}
+
+/// Initialise WGPU's default device once and say which adapter it got; `Err` with wgpu's
+/// message when there is none. Later Burn calls on `WgpuDevice::default()` reuse this setup.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_adapter() -> Result<Adapter, String> {
+    use burn::backend::wgpu::{RuntimeOptions, WgpuDevice, graphics::AutoGraphicsApi, init_setup};
+    static ADAPTER: std::sync::OnceLock<Result<Adapter, String>> = std::sync::OnceLock::new();
+    ADAPTER
+        .get_or_init(|| {
+            let setup = catch_unwind(|| {
+                init_setup::<AutoGraphicsApi>(&WgpuDevice::default(), RuntimeOptions::default())
+            })
+            .map_err(|p| panic_text(&p))?;
+            let info = setup.adapter.get_info();
+            let device_type = format!("{:?}", info.device_type);
+            Ok(Adapter {
+                software: device_type == "Cpu" || is_software_name(&info.name),
+                name: info.name,
+                device_type,
+                api: format!("{:?}", info.backend),
+            })
+        })
+        .clone()
+}
+
+#[cfg(feature = "wgpu")]
 fn is_software_name(name: &str) -> bool {
     let n = name.to_lowercase();
-    n.contains("llvmpipe")
-        || n.contains("lavapipe")
-        || n.contains("swiftshader")
-        || n.contains("cpu")
+    ["llvmpipe", "lavapipe", "swiftshader"]
+        .iter()
+        .any(|s| n.contains(s))
 }
 
 /// Whether the machine has an NVIDIA driver (checked before initialising CUDA).
@@ -316,10 +326,16 @@ pub fn run(
             }
         }
         BackendKind::Wgpu => {
-            let adapter = vulkan_adapter();
             #[cfg(feature = "wgpu")]
             {
-                let (models, skipped) = software_filter(plan, &models, adapter.as_ref(), notes);
+                let adapter = match wgpu_adapter() {
+                    Ok(a) => a,
+                    Err(e) => {
+                        let reason = format!("no WGPU adapter: {e}");
+                        return skip_all(backend, plan, &models, &reason, pb);
+                    }
+                };
+                let (models, skipped) = software_filter(plan, &models, &adapter, notes);
                 let mut out = skip_all(
                     backend,
                     plan,
@@ -327,36 +343,38 @@ pub fn run(
                     "software WGPU adapter: only the tiny preset runs unless --wgpu-software-full",
                     pb,
                 );
+                let plan = if adapter.software && !plan.software_full {
+                    let small = plan.for_software_adapter();
+                    // The progress bar counted the full plan's runs.
+                    let (full, now) = (plan.runs(&models), small.runs(&models));
+                    pb.set_length(
+                        pb.length()
+                            .unwrap_or(0)
+                            .saturating_sub(full.saturating_sub(now)),
+                    );
+                    small
+                } else {
+                    plan.clone()
+                };
+                let plan = &plan;
                 let device = burn::backend::wgpu::WgpuDevice::default();
-                let probe = ip2p_pipeline::NoProbe;
-                match catch_unwind(AssertUnwindSafe(|| {
-                    run_backend::<burn::backend::Wgpu>("wgpu", &device, plan, &models, &probe, pb)
-                })) {
-                    Ok(r) => out.extend(r),
-                    Err(p) => out.extend(skip_all(
-                        backend,
-                        plan,
-                        &models,
-                        &format!("no usable WGPU adapter: {}", panic_text(&p)),
-                        pb,
-                    )),
-                }
-                notes.push("wgpu: device memory is not probed (heap probe sees host memory only); memory columns read 0.".into());
+                let probe = ip2p_pipeline::memory::cube_pool_probe::<burn::cubecl::wgpu::WgpuRuntime>(
+                    "wgpu pool",
+                    &device,
+                );
+                out.extend(run_backend::<burn::backend::Wgpu>(
+                    "wgpu", &device, plan, &models, &probe, pb,
+                ));
                 out
             }
             #[cfg(not(feature = "wgpu"))]
             {
-                if let Some((name, soft)) = adapter {
-                    notes.push(format!(
-                        "wgpu: adapter {name}{}",
-                        if soft { " (software)" } else { "" }
-                    ));
-                }
+                let _ = notes;
                 skip_all(
                     backend,
                     plan,
                     &models,
-                    "built without feature wgpu: run `cargo xtask-wgpu bench` (= cargo run -p xtask --features wgpu -- bench)",
+                    "built without feature wgpu: run `cargo xtask bench` (default features)",
                     pb,
                 )
             }
@@ -374,8 +392,10 @@ pub fn run(
                     );
                 }
                 let device = burn::backend::cuda::CudaDevice::default();
-                let probe = ip2p_pipeline::NoProbe;
-                notes.push("cuda: device memory is not probed; memory columns read 0.".into());
+                let probe = ip2p_pipeline::memory::cube_pool_probe::<burn::cubecl::cuda::CudaRuntime>(
+                    "cuda pool",
+                    &device,
+                );
                 match catch_unwind(AssertUnwindSafe(|| {
                     run_backend::<burn::backend::Cuda>("cuda", &device, plan, &models, &probe, pb)
                 })) {
@@ -407,29 +427,26 @@ pub fn run(
 pub fn software_filter(
     plan: &Plan,
     models: &[ModelSource],
-    adapter: Option<&(String, bool)>,
+    adapter: &Adapter,
     notes: &mut Vec<String>,
 ) -> (Vec<ModelSource>, Vec<ModelSource>) {
-    match adapter {
-        Some((name, true)) if !plan.software_full => {
-            let (run, skip): (Vec<_>, Vec<_>) = models.iter().cloned().partition(|m| m.is_tiny());
-            let run = if run.is_empty() {
-                vec![ModelSource::Preset(Preset::Tiny)]
-            } else {
-                run
-            };
-            notes.push(format!(
-                "wgpu: the adapter ({name}) is a software renderer, about 100× slower than the CPU backend: only the tiny preset runs on it (--wgpu-software-full for everything)."
-            ));
-            (run, skip)
-        }
-        Some((name, soft)) => {
-            notes.push(format!(
-                "wgpu: adapter {name}{}",
-                if *soft { " (software)" } else { "" }
-            ));
-            (models.to_vec(), Vec::new())
-        }
-        None => (models.to_vec(), Vec::new()),
+    if !adapter.software || plan.software_full {
+        notes.push(format!(
+            "wgpu: adapter {}{}",
+            adapter.describe(),
+            if adapter.software { ", software" } else { "" }
+        ));
+        return (models.to_vec(), Vec::new());
     }
+    let (run, skip): (Vec<_>, Vec<_>) = models.iter().cloned().partition(|m| m.is_tiny());
+    let run = if run.is_empty() {
+        vec![ModelSource::Preset(Preset::Tiny)]
+    } else {
+        run
+    };
+    notes.push(format!(
+        "wgpu: the adapter, {}, is a software renderer, about 100× slower than the CPU backend: only the tiny preset runs on it, by default at 32×32, 1 step, 1 warm-up run (which compiles the shaders), 1 repeat (--wgpu-software-full runs everything at the usual sizes).",
+        adapter.describe()
+    ));
+    (run, skip)
 }

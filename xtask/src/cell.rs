@@ -45,20 +45,35 @@ impl PathKind {
 /// A model: a built-in preset with random weights, or a diffusers folder.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
+    /// Random weights drawn by Burn.
     Preset(Preset),
+    /// A preset whose random weights diffusers drew and saved to `dir` (for `--reference
+    /// diffusers`: both sides run on the same numbers).
+    Shared {
+        preset: Preset,
+        dir: PathBuf,
+    },
     Dir(PathBuf),
 }
 
 impl ModelSource {
     pub fn name(&self) -> String {
         match self {
-            ModelSource::Preset(p) => p.name().to_string(),
+            ModelSource::Preset(p) | ModelSource::Shared { preset: p, .. } => p.name().to_string(),
             ModelSource::Dir(d) => d.display().to_string(),
         }
     }
 
+    /// The built-in architecture, if this is one.
+    pub fn preset(&self) -> Option<Preset> {
+        match self {
+            ModelSource::Preset(p) | ModelSource::Shared { preset: p, .. } => Some(*p),
+            ModelSource::Dir(_) => None,
+        }
+    }
+
     pub fn is_tiny(&self) -> bool {
-        matches!(self, ModelSource::Preset(Preset::Tiny))
+        self.preset() == Some(Preset::Tiny)
     }
 
     /// Build (random weights) or load the model.
@@ -74,8 +89,10 @@ impl ModelSource {
                     &LoadOptions::default(),
                 )?)
             }
-            ModelSource::Dir(d) => Ok(Ip2pModel::load(d, device, &LoadOptions::default())
-                .with_context(|| format!("loading {}", d.display()))?),
+            ModelSource::Shared { dir: d, .. } | ModelSource::Dir(d) => {
+                Ok(Ip2pModel::load(d, device, &LoadOptions::default())
+                    .with_context(|| format!("loading {}", d.display()))?)
+            }
         }
     }
 }

@@ -118,6 +118,53 @@ fn bench(args: BenchArgs) -> Result<()> {
         .iter()
         .map(|r| parse_resolution(r))
         .collect::<Result<Vec<_>>>()?;
+    let mut notes = vec![format!(
+        "Built-in presets use random weights (Burn's default init); the work per stage is that of the real architecture. Defaults: sd15 at 256×256, 1 step, no warm-up, 1 repeat (so the default run takes minutes on a 2-core CPU; pass --resolution 512 --steps 20 --warmup 1 --repeats 3 for the real workload); tiny at 64×64, 4 steps, 1 warm-up, 3 repeats. Guidance is on (text 7.5, image 1.5): each step runs the UNet on 3× the batch."
+    )];
+    // The reference runs on the same weights: diffusers draws each preset's random weights once
+    // and saves them as a diffusers folder, which ip2p then loads too.
+    let python = match args.reference.as_deref() {
+        None => None,
+        Some("diffusers") => match xtask::reference::find_python(args.python.as_deref())
+            .and_then(|p| xtask::reference::check_python(&p).map(|v| (p, v)))
+        {
+            Ok((python, versions)) => {
+                notes.push(format!(
+                    "diffusers reference: {} ({versions}); CPU cells only.",
+                    python.display()
+                ));
+                for m in models.iter_mut() {
+                    let ModelSource::Preset(preset) = *m else {
+                        continue;
+                    };
+                    eprintln!(
+                        "diffusers: drawing and saving the {} weights…",
+                        preset.name()
+                    );
+                    match xtask::reference::share_weights(&python, preset) {
+                        Ok(dir) => {
+                            notes.push(format!(
+                                "{}: random weights drawn by diffusers/PyTorch (seed 0) and saved to {}; ip2p and diffusers both load them.",
+                                preset.name(),
+                                dir.display()
+                            ));
+                            *m = ModelSource::Shared { preset, dir };
+                        }
+                        Err(e) => notes.push(format!(
+                            "{}: no shared weights ({e:#}); the reference draws its own.",
+                            preset.name()
+                        )),
+                    }
+                }
+                Some(python)
+            }
+            Err(e) => {
+                notes.push(format!("--reference diffusers skipped: {e:#}"));
+                None
+            }
+        },
+        Some(other) => bail!("unknown reference {other:?} (diffusers)"),
+    };
     let plan = Plan {
         models: models.clone(),
         paths: args.paths.clone(),
@@ -128,12 +175,6 @@ fn bench(args: BenchArgs) -> Result<()> {
         repeats: args.repeats,
         software_full: args.wgpu_software_full,
     };
-    let reference = match args.reference.as_deref() {
-        None => None,
-        Some("diffusers") => Some(()),
-        Some(other) => bail!("unknown reference {other:?} (diffusers)"),
-    };
-
     let total = plan.runs(&models) * args.backends.len() as u64;
     let pb = if args.quiet {
         ProgressBar::hidden()
@@ -148,28 +189,14 @@ fn bench(args: BenchArgs) -> Result<()> {
     );
     pb.enable_steady_tick(std::time::Duration::from_millis(250));
 
-    let mut notes = vec![format!(
-        "Built-in presets use random weights (Burn's default init); the work per stage is that of the real architecture. Defaults: sd15 at 256×256, 1 step, no warm-up, 1 repeat (so the default run takes minutes on a 2-core CPU; pass --resolution 512 --steps 20 --warmup 1 --repeats 3 for the real workload); tiny at 64×64, 4 steps, 1 warm-up, 3 repeats. Guidance is on (text 7.5, image 1.5): each step runs the UNet on 3× the batch."
-    )];
     let mut cells = Vec::new();
     for &backend in &args.backends {
         cells.extend(backends::run(backend, &plan, &ALLOC, &pb, &mut notes));
     }
     cell::compute_savings(&mut cells);
 
-    if reference.is_some() {
-        match xtask::reference::find_python(args.python.as_deref())
-            .and_then(|p| xtask::reference::check_python(&p).map(|v| (p, v)))
-        {
-            Ok((python, versions)) => {
-                notes.push(format!(
-                    "diffusers reference: {} ({versions}); random weights of the same architecture drawn by PyTorch (not the same numbers as ip2p's: timing and memory do not depend on them); CPU cells only.",
-                    python.display()
-                ));
-                xtask::reference::run(&python, &mut cells, &models, &pb)?;
-            }
-            Err(e) => notes.push(format!("--reference diffusers skipped: {e:#}")),
-        }
+    if let Some(python) = &python {
+        xtask::reference::run(python, &mut cells, &models, &pb)?;
     }
     pb.finish_and_clear();
 

@@ -1,11 +1,14 @@
 //! `--reference diffusers`: the same cells with diffusers (PyTorch, CPU) in a Python
-//! subprocess, tools/bench/diffusers_bench.py, on random weights of the same architecture.
+//! subprocess, tools/bench/diffusers_bench.py, on the same weights: a preset's random weights are
+//! drawn once by diffusers and saved as a diffusers folder that both sides load.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
+
+use ip2p_pipeline::preset::Preset;
 
 use crate::cell::{CellResult, ModelSource};
 
@@ -56,6 +59,43 @@ pub fn find_python(flag: Option<&Path>) -> Result<PathBuf> {
     bail!(
         "no Python with torch and diffusers: pass --python PATH or set IP2P_PYTHON (see README: Benchmarks)"
     )
+}
+
+/// Where diffusers saves `preset`'s random weights for `--reference diffusers`: a folder under
+/// the system's temporary directory, kept between runs (SD 1.5 takes 4 GB and a minute to write).
+pub fn shared_weights_dir(preset: Preset) -> PathBuf {
+    std::env::temp_dir()
+        .join("ip2p-bench-weights")
+        .join(format!("{}-seed0", preset.name()))
+}
+
+/// Have diffusers draw `preset`'s random weights (torch seed 0) and save them as a diffusers
+/// InstructPix2Pix folder, once: a folder already complete (its `model_index.json` is written
+/// last) is reused. Returns the folder, which both ip2p and diffusers then load.
+pub fn share_weights(python: &Path, preset: Preset) -> Result<PathBuf> {
+    let dir = shared_weights_dir(preset);
+    if dir.join("model_index.json").is_file() {
+        return Ok(dir);
+    }
+    let script = crate::workspace_root().join("tools/bench/diffusers_bench.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .args(["--preset", preset.name(), "--save"])
+        .arg(&dir)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() || !dir.join("model_index.json").is_file() {
+        bail!(
+            "saving the {} weights to {} failed: {}",
+            preset.name(),
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    Ok(dir)
 }
 
 /// Check that `python` imports torch and diffusers; their versions.
@@ -113,7 +153,7 @@ pub fn run(
         cmd.arg(&script);
         match source {
             ModelSource::Preset(p) => cmd.args(["--preset", p.name()]),
-            ModelSource::Dir(d) => cmd.arg("--model").arg(d),
+            ModelSource::Shared { dir: d, .. } | ModelSource::Dir(d) => cmd.arg("--model").arg(d),
         };
         cmd.args([
             "--height",

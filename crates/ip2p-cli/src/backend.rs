@@ -53,10 +53,9 @@ macro_rules! dispatch {
             BackendKind::Wgpu => {
                 type B = burn::backend::Wgpu;
                 let $device = crate::backend::default_device::<B>();
-                let $probe = $crate::backend::cube_probe::<burn::cubecl::wgpu::WgpuRuntime>(
-                    "wgpu pool",
-                    $device.clone(),
-                );
+                let $probe = ip2p_pipeline::memory::cube_pool_probe::<
+                    burn::cubecl::wgpu::WgpuRuntime,
+                >("wgpu pool", &$device);
                 let $probe: &dyn ip2p_pipeline::MemoryProbe = &$probe;
                 $body
             }
@@ -64,10 +63,9 @@ macro_rules! dispatch {
             BackendKind::Cuda => {
                 type B = burn::backend::Cuda;
                 let $device = crate::backend::default_device::<B>();
-                let $probe = $crate::backend::cube_probe::<burn::cubecl::cuda::CudaRuntime>(
-                    "cuda pool",
-                    $device.clone(),
-                );
+                let $probe = ip2p_pipeline::memory::cube_pool_probe::<
+                    burn::cubecl::cuda::CudaRuntime,
+                >("cuda pool", &$device);
                 let $probe: &dyn ip2p_pipeline::MemoryProbe = &$probe;
                 $body
             }
@@ -81,21 +79,6 @@ macro_rules! dispatch {
     }};
 }
 pub(crate) use dispatch;
-
-/// A probe over a cubecl runtime's memory pool (bytes in use; peak sampled at each read).
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-pub fn cube_probe<R: burn::cubecl::Runtime>(
-    name: &str,
-    device: R::Device,
-) -> ip2p_pipeline::SampledPeak<impl Fn() -> u64 + Send + Sync, impl Fn() + Send + Sync> {
-    let client = R::client(&device);
-    let cleaner = client.clone();
-    ip2p_pipeline::SampledPeak::new(
-        name,
-        move || client.memory_usage().map(|u| u.bytes_in_use).unwrap_or(0),
-        move || cleaner.memory_cleanup(),
-    )
-}
 
 /// The backend's default device (the first GPU, or the CPU).
 pub fn default_device<B: burn::tensor::backend::Backend>() -> B::Device {

@@ -2,7 +2,7 @@
 //!
 //! One interface, two sources. On the CPU backend tensors are ordinary heap allocations, so
 //! a counting global allocator ([`CountingAllocator`], installed by the binaries) sees every
-//! byte. On cubecl backends (wgpu, cuda) the binaries implement [`MemoryProbe`] on the
+//! byte. On cubecl backends (wgpu, cuda) [`cube_pool_probe`] (feature `cubecl`) reads the
 //! backend's own pool statistics. Readers call [`MemoryProbe::current`] only after a device
 //! sync, so queued work is counted.
 
@@ -167,6 +167,22 @@ impl<F: Fn() -> u64 + Send + Sync, C: Fn() + Send + Sync> MemoryProbe for Sample
     fn cleanup(&self) {
         (self.clean)()
     }
+}
+
+/// A probe over a cubecl runtime's memory pool: bytes in use, peak sampled at each read,
+/// cleanup through the pool's own `memory_cleanup`.
+#[cfg(feature = "cubecl")]
+pub fn cube_pool_probe<R: burn::cubecl::Runtime>(
+    name: &str,
+    device: &R::Device,
+) -> SampledPeak<impl Fn() -> u64 + Send + Sync + use<R>, impl Fn() + Send + Sync + use<R>> {
+    let client = R::client(device);
+    let cleaner = client.clone();
+    SampledPeak::new(
+        name,
+        move || client.memory_usage().map_or(0, |u| u.bytes_in_use),
+        move || cleaner.memory_cleanup(),
+    )
 }
 
 #[cfg(test)]
