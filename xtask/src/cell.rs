@@ -132,7 +132,9 @@ pub struct Timing {
     pub vae_decode_s: Option<f64>,
 }
 
-/// Peak bytes per stage (largest over the measured runs) as the probe saw them.
+/// Peak bytes per stage (largest over the measured runs) as the probe saw them. On a cubecl
+/// pool the baseline is bytes in use and the peaks are the pool's reservation (see
+/// `ip2p_pipeline::SampledPeak`), so the activation peak includes the pool's slack.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Memory {
     pub source: String,

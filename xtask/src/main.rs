@@ -119,7 +119,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         .map(|r| parse_resolution(r))
         .collect::<Result<Vec<_>>>()?;
     let mut notes = vec![format!(
-        "Built-in presets use random weights (Burn's default init); the work per stage is that of the real architecture. Defaults: sd15 at 256×256, 1 step, no warm-up, 1 repeat (so the default run takes minutes on a 2-core CPU; pass --resolution 512 --steps 20 --warmup 1 --repeats 3 for the real workload); tiny at 64×64, 4 steps, 1 warm-up, 3 repeats. Guidance is on (text 7.5, image 1.5): each step runs the UNet on 3× the batch."
+        "Built-in presets use random weights (Burn's default init; with --reference, diffusers' saved weights); the work per stage is that of the real architecture. Defaults: sd15 at 256×256, 1 step, no warm-up, 1 repeat (so the default run takes minutes on a 2-core CPU; pass --resolution 512 --steps 20 --warmup 1 --repeats 3 for the real workload); tiny at 64×64, 4 steps, 1 warm-up, 3 repeats. Guidance is on (text 7.5, image 1.5): each step runs the UNet on 3× the batch."
     )];
     // The reference runs on the same weights: diffusers draws each preset's random weights once
     // and saves them as a diffusers folder, which ip2p then loads too.

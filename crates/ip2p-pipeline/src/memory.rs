@@ -126,17 +126,20 @@ impl MemoryProbe for CountingAllocator {
     }
 }
 
-/// A probe over a pool that reports only its current usage (cubecl's `memory_usage`): the
-/// peak is the largest value seen at each read, so it is exact at stage boundaries and a
-/// lower bound within a stage.
-pub struct SampledPeak<F: Fn() -> u64 + Send + Sync, C: Fn() + Send + Sync> {
+/// A probe over a device pool that reports its state only when asked (cubecl's
+/// `memory_usage`). `read` returns `(in_use, reserved)`: the bytes held by live tensors, and
+/// the bytes the pool holds from the device, which only grows between cleanups and so bounds
+/// the in-use peak between two reads from above. [`current`](MemoryProbe::current) is the
+/// first; the peak is the largest second seen since [`reset_peak`](MemoryProbe::reset_peak):
+/// what the device had to give the pool during the stage, as a GPU's memory counter shows it.
+pub struct SampledPeak<F: Fn() -> (u64, u64) + Send + Sync, C: Fn() + Send + Sync> {
     name: String,
     read: F,
     clean: C,
     peak: AtomicU64,
 }
 
-impl<F: Fn() -> u64 + Send + Sync, C: Fn() + Send + Sync> SampledPeak<F, C> {
+impl<F: Fn() -> (u64, u64) + Send + Sync, C: Fn() + Send + Sync> SampledPeak<F, C> {
     pub fn new(name: impl Into<String>, read: F, clean: C) -> Self {
         Self {
             name: name.into(),
@@ -145,42 +148,51 @@ impl<F: Fn() -> u64 + Send + Sync, C: Fn() + Send + Sync> SampledPeak<F, C> {
             peak: AtomicU64::new(0),
         }
     }
+
+    fn sample(&self) -> (u64, u64) {
+        let (in_use, reserved) = (self.read)();
+        let high = reserved.max(in_use);
+        self.peak.fetch_max(high, Ordering::Relaxed);
+        (in_use, high)
+    }
 }
 
-impl<F: Fn() -> u64 + Send + Sync, C: Fn() + Send + Sync> MemoryProbe for SampledPeak<F, C> {
+impl<F: Fn() -> (u64, u64) + Send + Sync, C: Fn() + Send + Sync> MemoryProbe for SampledPeak<F, C> {
     fn source(&self) -> &str {
         &self.name
     }
     fn current(&self) -> u64 {
-        let now = (self.read)();
-        self.peak.fetch_max(now, Ordering::Relaxed);
-        now
+        self.sample().0
     }
     fn peak(&self) -> u64 {
-        self.current();
+        self.sample();
         self.peak.load(Ordering::Relaxed)
     }
     fn reset_peak(&self) {
-        let now = (self.read)();
-        self.peak.store(now, Ordering::Relaxed);
+        let (_, high) = (self.read)();
+        self.peak.store(high, Ordering::Relaxed);
     }
     fn cleanup(&self) {
         (self.clean)()
     }
 }
 
-/// A probe over a cubecl runtime's memory pool: bytes in use, peak sampled at each read,
-/// cleanup through the pool's own `memory_cleanup`.
+/// A probe over a cubecl runtime's memory pool (see [`SampledPeak`]): bytes in use now, and
+/// as the peak the pool's reservation; cleanup through the pool's own `memory_cleanup`.
 #[cfg(feature = "cubecl")]
 pub fn cube_pool_probe<R: burn::cubecl::Runtime>(
     name: &str,
     device: &R::Device,
-) -> SampledPeak<impl Fn() -> u64 + Send + Sync + use<R>, impl Fn() + Send + Sync + use<R>> {
+) -> SampledPeak<impl Fn() -> (u64, u64) + Send + Sync + use<R>, impl Fn() + Send + Sync + use<R>> {
     let client = R::client(device);
     let cleaner = client.clone();
     SampledPeak::new(
         name,
-        move || client.memory_usage().map_or(0, |u| u.bytes_in_use),
+        move || {
+            client
+                .memory_usage()
+                .map_or((0, 0), |u| (u.bytes_in_use, u.bytes_reserved))
+        },
         move || cleaner.memory_cleanup(),
     )
 }
@@ -212,15 +224,29 @@ mod tests {
     }
 
     #[test]
-    fn sampled_peak_keeps_the_largest_read() {
-        let value = AtomicU64::new(10);
-        let probe = SampledPeak::new("pool", || value.load(Ordering::Relaxed), || {});
+    fn sampled_peak_keeps_the_largest_reservation() {
+        let in_use = AtomicU64::new(10);
+        let reserved = AtomicU64::new(16);
+        let read = || {
+            (
+                in_use.load(Ordering::Relaxed),
+                reserved.load(Ordering::Relaxed),
+            )
+        };
+        let probe = SampledPeak::new("pool", read, || {});
         assert_eq!(probe.current(), 10);
-        value.store(50, Ordering::Relaxed);
+        assert_eq!(probe.peak(), 16);
+        in_use.store(50, Ordering::Relaxed);
+        reserved.store(64, Ordering::Relaxed);
         assert_eq!(probe.current(), 50);
-        value.store(20, Ordering::Relaxed);
-        assert_eq!(probe.peak(), 50);
+        in_use.store(20, Ordering::Relaxed);
+        reserved.store(32, Ordering::Relaxed);
+        assert_eq!(probe.peak(), 64);
         probe.reset_peak();
-        assert_eq!(probe.peak(), 20);
+        assert_eq!(probe.peak(), 32);
+        // A pool that reports no reservation: the peak is the in-use maximum.
+        reserved.store(0, Ordering::Relaxed);
+        in_use.store(40, Ordering::Relaxed);
+        assert_eq!(probe.peak(), 40);
     }
 }
