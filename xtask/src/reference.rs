@@ -77,6 +77,11 @@ pub fn share_weights(python: &Path, preset: Preset) -> Result<PathBuf> {
     if dir.join("model_index.json").is_file() {
         return Ok(dir);
     }
+    eprintln!(
+        "diffusers: drawing the {} weights and saving them to {}…",
+        preset.name(),
+        dir.display()
+    );
     let script = crate::workspace_root().join("tools/bench/diffusers_bench.py");
     let out = Command::new(python)
         .arg(&script)
