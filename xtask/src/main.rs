@@ -137,10 +137,6 @@ fn bench(args: BenchArgs) -> Result<()> {
                     let ModelSource::Preset(preset) = *m else {
                         continue;
                     };
-                    eprintln!(
-                        "diffusers: drawing and saving the {} weights…",
-                        preset.name()
-                    );
                     match xtask::reference::share_weights(&python, preset) {
                         Ok(dir) => {
                             notes.push(format!(
