@@ -247,11 +247,18 @@ pub struct Adapter {
     pub device_type: String,
     /// The graphics API: `Vulkan`, `Metal`, `Dx12`, ...
     pub api: String,
-    /// A CPU rasteriser (lavapipe/llvmpipe, SwiftShader): about 100× slower than the CPU backend.
-    pub software: bool,
 }
 
 impl Adapter {
+    /// A CPU rasteriser (lavapipe/llvmpipe, SwiftShader): about 100× slower than the CPU backend.
+    pub fn is_software(&self) -> bool {
+        let name = self.name.to_lowercase();
+        self.device_type == "Cpu"
+            || ["llvmpipe", "lavapipe", "swiftshader"]
+                .iter()
+                .any(|s| name.contains(s))
+    }
+
     pub fn describe(&self) -> String {
         format!("{} ({}, {})", self.name, self.device_type, self.api)
     }
@@ -272,21 +279,12 @@ pub fn wgpu_adapter() -> Result<Adapter, String> {
             let info = setup.adapter.get_info();
             let device_type = format!("{:?}", info.device_type);
             Ok(Adapter {
-                software: device_type == "Cpu" || is_software_name(&info.name),
                 name: info.name,
                 device_type,
                 api: format!("{:?}", info.backend),
             })
         })
         .clone()
-}
-
-#[cfg(feature = "wgpu")]
-fn is_software_name(name: &str) -> bool {
-    let n = name.to_lowercase();
-    ["llvmpipe", "lavapipe", "swiftshader"]
-        .iter()
-        .any(|s| n.contains(s))
 }
 
 /// Whether the machine has an NVIDIA driver (checked before initialising CUDA).
@@ -335,7 +333,7 @@ pub fn run(
                         return skip_all(backend, plan, &models, &reason, pb);
                     }
                 };
-                let (models, skipped) = software_filter(plan, &models, &adapter, notes);
+                let (small, models, skipped) = software_filter(plan, &models, &adapter, notes);
                 let mut out = skip_all(
                     backend,
                     plan,
@@ -343,20 +341,14 @@ pub fn run(
                     "software WGPU adapter: only the tiny preset runs unless --wgpu-software-full",
                     pb,
                 );
-                let plan = if adapter.software && !plan.software_full {
-                    let small = plan.for_software_adapter();
-                    // The progress bar counted the full plan's runs.
-                    let (full, now) = (plan.runs(&models), small.runs(&models));
-                    pb.set_length(
-                        pb.length()
-                            .unwrap_or(0)
-                            .saturating_sub(full.saturating_sub(now)),
-                    );
-                    small
-                } else {
-                    plan.clone()
-                };
-                let plan = &plan;
+                // The progress bar counted the full plan's runs.
+                let (full, now) = (plan.runs(&models), small.runs(&models));
+                pb.set_length(
+                    pb.length()
+                        .unwrap_or(0)
+                        .saturating_sub(full.saturating_sub(now)),
+                );
+                let plan = &small;
                 let device = burn::backend::wgpu::WgpuDevice::default();
                 let probe = ip2p_pipeline::memory::cube_pool_probe::<burn::cubecl::wgpu::WgpuRuntime>(
                     "wgpu pool",
@@ -422,21 +414,22 @@ pub fn run(
     }
 }
 
-/// On a software adapter, keep only the tiny preset unless asked for more.
-/// Returns `(run, skipped)`.
+/// The plan for `adapter`: on a software one, only the tiny preset at
+/// [`Plan::for_software_adapter`]'s size unless asked for more. Returns `(plan, run, skipped)`.
 pub fn software_filter(
     plan: &Plan,
     models: &[ModelSource],
     adapter: &Adapter,
     notes: &mut Vec<String>,
-) -> (Vec<ModelSource>, Vec<ModelSource>) {
-    if !adapter.software || plan.software_full {
+) -> (Plan, Vec<ModelSource>, Vec<ModelSource>) {
+    let software = adapter.is_software();
+    if !software || plan.software_full {
         notes.push(format!(
             "wgpu: adapter {}{}",
             adapter.describe(),
-            if adapter.software { ", software" } else { "" }
+            if software { ", software" } else { "" }
         ));
-        return (models.to_vec(), Vec::new());
+        return (plan.clone(), models.to_vec(), Vec::new());
     }
     let (run, skip): (Vec<_>, Vec<_>) = models.iter().cloned().partition(|m| m.is_tiny());
     let run = if run.is_empty() {
@@ -448,5 +441,5 @@ pub fn software_filter(
         "wgpu: the adapter, {}, is a software renderer, about 100× slower than the CPU backend: only the tiny preset runs on it, by default at 32×32, 1 step, 1 warm-up run (which compiles the shaders), 1 repeat (--wgpu-software-full runs everything at the usual sizes).",
         adapter.describe()
     ));
-    (run, skip)
+    (plan.for_software_adapter(), run, skip)
 }

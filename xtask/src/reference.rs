@@ -94,13 +94,16 @@ pub fn share_weights(python: &Path, preset: Preset) -> Result<PathBuf> {
             "saving the {} weights to {} failed: {}",
             preset.name(),
             dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
+            last_error_line(&out)
         );
     }
     Ok(dir)
+}
+
+/// The last line of a Python process's stderr: the exception, for error messages.
+fn last_error_line(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    err.lines().last().unwrap_or("").to_string()
 }
 
 /// Check that `python` imports torch and diffusers; their versions.
@@ -116,10 +119,7 @@ pub fn check_python(python: &Path) -> Result<String> {
         bail!(
             "{} cannot import torch/diffusers/transformers: {}",
             python.display(),
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
+            last_error_line(&out)
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -181,14 +181,7 @@ pub fn run(
             .with_context(|| format!("running {}", script.display()))
             .and_then(|out| {
                 if !out.status.success() {
-                    bail!(
-                        "exit {}: {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr)
-                            .lines()
-                            .last()
-                            .unwrap_or("")
-                    );
+                    bail!("exit {}: {}", out.status, last_error_line(&out));
                 }
                 let text = String::from_utf8_lossy(&out.stdout);
                 let json = text
