@@ -3,9 +3,9 @@
 //! `cargo bench -p ip2p-benches` (CPU); `--features wgpu` / `--features cuda` add those backends.
 //! Each measurement syncs the device, so queued GPU work is counted.
 
-use burn::tensor::backend::Backend;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use ip2p_benches::{Case, small, tiny};
+use ip2p_nn::Backend;
 
 fn bench_case<B: Backend>(c: &mut Criterion, backend: &str, case: &Case<B>) {
     let m = &case.model;

@@ -6,8 +6,8 @@
 
 use std::path::PathBuf;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
+use ip2p_nn::Backend;
 use ip2p_pipeline::preset::Preset;
 use ip2p_pipeline::{Ip2pModel, LoadOptions, PipelineError};
 use ip2p_text::ClipTokenizer;

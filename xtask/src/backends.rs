@@ -2,8 +2,8 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use burn::tensor::backend::Backend;
 use indicatif::ProgressBar;
+use ip2p_nn::Backend;
 use ip2p_pipeline::MemoryProbe;
 use ip2p_pipeline::preset::Preset;
 use serde::Serialize;

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
+use ip2p_nn::Backend;
 use ip2p_pipeline::preset::Preset;
 use ip2p_pipeline::{
     EditOptions, Ip2pModel, LoadOptions, MemoryProbe, Prompts, RunReport, RunSettings, Stage,

@@ -13,7 +13,7 @@
 mod common;
 
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use ip2p_nn::Backend;
 use ip2p_nn::testing::{Fixture, assert_close, assert_fixture, fixtures_dir};
 use ip2p_pipeline::{EditOptions, Ip2pModel, LoadOptions, Prompts, RunSettings};
 use ip2p_sched::SchedulerKind;

@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use ip2p_nn::Backend;
 use ip2p_pipeline::{
     EditOptions, Flow, Ip2pModel, LoadOptions, MemoryProbe, Prompts, RunSettings, StepInfo,
 };

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use burn::tensor::DType;
-use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use ip2p_nn::AutodiffBackend;
 use ip2p_pipeline::EditOptions;
 use ip2p_pipeline::train::data::{BadRows, Dataset, load_rows};
 use ip2p_pipeline::train::optim::AdamWSettings;

@@ -5,12 +5,11 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
-use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Int, Tensor};
 
-use crate::norm::group_norm;
+use crate::Backend;
 
 /// How scaled-dot-product attention is computed. All choices give the same numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -26,7 +25,7 @@ pub enum AttentionImpl {
 }
 
 /// `softmax(q·kᵀ·scale)·v` on `[batch, heads, tokens, head_dim]`, with softmax in f32.
-pub fn scaled_dot_product<B: Backend>(
+pub fn scaled_dot_product<B: burn::tensor::backend::Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -70,7 +69,7 @@ pub fn scaled_dot_product<B: Backend>(
 }
 
 /// One block of queries starting at token `offset` (for the causal mask).
-fn naive<B: Backend>(
+fn naive<B: burn::tensor::backend::Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -170,26 +169,43 @@ impl<B: Backend> Attention<B> {
     /// `x`: `[batch, tokens, query_dim]`; `context`: `[batch, context_tokens, cross_attention_dim]`
     /// (self-attention when `None`). Returns `[batch, tokens, query_dim]`.
     pub fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
-        let residual = x.clone();
+        self.forward_with_residual(x, context, None)
+    }
+
+    /// [`Attention::forward`] plus `residual`, added in the output projection's epilogue (the
+    /// transformer block's skip connection).
+    pub fn forward_with_residual(
+        &self,
+        x: Tensor<B, 3>,
+        context: Option<Tensor<B, 3>>,
+        residual: Option<Tensor<B, 3>>,
+    ) -> Tensor<B, 3> {
+        let own_residual = self.residual_connection.then(|| x.clone());
         let h = match &self.group_norm {
-            Some(norm) => group_norm(norm, x.swap_dims(1, 2)).swap_dims(1, 2),
+            Some(norm) => B::fused_group_norm(norm, x.swap_dims(1, 2), false).swap_dims(1, 2),
             None => x,
         };
         let context = context.unwrap_or_else(|| h.clone());
-        let q = self.split_heads(self.to_q.forward(h));
-        let k = self.split_heads(self.to_k.forward(context.clone()));
-        let v = self.split_heads(self.to_v.forward(context));
-        let out = scaled_dot_product(q, k, v, false, self.attention_impl);
-        let [b, heads, l, d] = out.dims();
-        let out = out.swap_dims(1, 2).reshape([b, l, heads * d]);
-        let mut out = self.to_out[0].forward(out);
-        if self.residual_connection {
-            out = out + residual;
-        }
-        if self.rescale_output_factor != 1.0 {
+        let q = B::fused_linear(&self.to_q, h, None);
+        let k = B::fused_linear(&self.to_k, context.clone(), None);
+        let v = B::fused_linear(&self.to_v, context, None);
+        let out = B::fused_attention(q, k, v, self.heads, self.attention_impl);
+        // The caller's residual comes after the rescale, so it joins the epilogue only
+        // when there is none.
+        let rescale = self.rescale_output_factor != 1.0;
+        let (epilogue, after) = match (own_residual, residual) {
+            (own, Some(r)) if rescale => (own, Some(r)),
+            (Some(a), Some(b)) => (Some(a + b), None),
+            (a, b) => (a.or(b), None),
+        };
+        let mut out = B::fused_linear(&self.to_out[0], out, epilogue);
+        if rescale {
             out = out.div_scalar(self.rescale_output_factor);
         }
-        out
+        match after {
+            Some(r) => out + r,
+            None => out,
+        }
     }
 
     /// Self-attention over the pixels of `[batch, channels, height, width]` (the VAE's mid block).
@@ -199,11 +215,5 @@ impl<B: Backend> Attention<B> {
         self.forward(tokens, None)
             .swap_dims(1, 2)
             .reshape([b, c, h, w])
-    }
-
-    fn split_heads(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
-        let [b, l, inner] = x.dims();
-        x.reshape([b, l, self.heads, inner / self.heads])
-            .swap_dims(1, 2)
     }
 }

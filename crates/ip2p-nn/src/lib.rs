@@ -4,6 +4,7 @@
 //! Every module is generic over `B: Backend`; this crate enables no backend.
 
 pub mod attention;
+pub mod backend;
 pub mod cast;
 pub mod config;
 pub mod error;
@@ -15,6 +16,9 @@ pub mod testing;
 pub mod weights;
 
 pub use attention::{Attention, AttentionConfig, AttentionImpl, scaled_dot_product};
+#[cfg(feature = "autodiff")]
+pub use backend::AutodiffBackend;
+pub use backend::Backend;
 pub use config::{PerBlock, read_config};
 pub use error::LoadError;
 pub use resnet::{ResnetBlock2D, ResnetBlock2DConfig};

@@ -6,9 +6,8 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::Tensor;
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 
-use crate::norm::group_norm;
+use crate::Backend;
 
 /// Configuration of [`ResnetBlock2D`] (time_embedding_norm "default", SiLU, as in SD 1.5).
 #[derive(Config, Debug)]
@@ -74,17 +73,25 @@ impl ResnetBlock2DConfig {
 impl<B: Backend> ResnetBlock2D<B> {
     /// `x`: `[batch, in, h, w]`, `temb`: `[batch, temb_channels]` → `[batch, out, h, w]`.
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(silu(group_norm(&self.norm1, x.clone())));
+        let h = B::fused_conv2d(
+            &self.conv1,
+            B::fused_group_norm(&self.norm1, x.clone(), true),
+            None,
+        );
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(t)) => h + proj.forward(silu(t)).unsqueeze_dims(&[2, 3]),
             _ => h,
         };
-        let h = self.conv2.forward(silu(group_norm(&self.norm2, h)));
-        let x = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x),
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => B::fused_conv2d(conv, x, None),
             None => x,
         };
-        let out = x + h;
+        // The shortcut is added in conv2's epilogue.
+        let out = B::fused_conv2d(
+            &self.conv2,
+            B::fused_group_norm(&self.norm2, h, true),
+            Some(shortcut),
+        );
         if self.output_scale_factor == 1.0 {
             out
         } else {

@@ -5,9 +5,10 @@ use burn::module::Module;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+
+use crate::Backend;
 
 /// Configuration of [`Downsample2D`].
 #[derive(Config, Debug)]
@@ -56,7 +57,7 @@ impl<B: Backend> Downsample2D<B> {
         } else {
             x
         };
-        self.conv.forward(x)
+        B::fused_conv2d(&self.conv, x, None)
     }
 }
 
@@ -94,6 +95,6 @@ impl<B: Backend> Upsample2D<B> {
         let [_, _, h, w] = x.dims();
         let size = size.unwrap_or([h * 2, w * 2]);
         let x = interpolate(x, size, InterpolateOptions::new(InterpolateMode::Nearest));
-        self.conv.forward(x)
+        B::fused_conv2d(&self.conv, x, None)
     }
 }

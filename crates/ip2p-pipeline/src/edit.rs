@@ -1,8 +1,8 @@
 //! The InstructPix2Pix denoising loop, as one free function the pipeline is built on.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::cast::ToElement;
 use burn::tensor::{DType, Tensor};
+use ip2p_nn::Backend;
 use ip2p_sched::{NoiseRng, Scheduler};
 use ip2p_text::PromptEncoder;
 use ip2p_unet::UNet2DConditionModel;

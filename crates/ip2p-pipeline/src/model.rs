@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
+use ip2p_nn::Backend;
 use ip2p_nn::{AttentionImpl, default_float_dtype};
 use ip2p_sched::{NoiseRng, Scheduler, SchedulerConfig, SchedulerKind};
 use ip2p_text::{ClipTextModel, ClipTokenizer, PromptEncoder};

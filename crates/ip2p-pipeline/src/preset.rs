@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use ip2p_nn::Backend;
 use ip2p_nn::cast::CastParams;
 use ip2p_nn::default_float_dtype;
 use ip2p_sched::SchedulerConfig;

@@ -4,7 +4,7 @@
 
 use burn::module::Module;
 use burn::tensor::Tensor;
-use burn::tensor::backend::Backend;
+use ip2p_nn::Backend;
 use ip2p_nn::{
     AttentionImpl, Downsample2D, Downsample2DConfig, ResnetBlock2D, ResnetBlock2DConfig,
     Upsample2D, Upsample2DConfig,

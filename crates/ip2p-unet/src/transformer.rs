@@ -4,10 +4,11 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::Tensor;
-use burn::tensor::activation::gelu;
-use burn::tensor::backend::Backend;
-use ip2p_nn::norm::{group_norm, layer_norm};
+use ip2p_nn::Backend;
 use ip2p_nn::{Attention, AttentionConfig, AttentionImpl};
+
+/// LayerNorm epsilon of diffusers' `BasicTransformerBlock`.
+const LAYER_NORM_EPS: f64 = 1e-5;
 
 /// GEGLU: `Linear(dim → 2·inner)`, split in half, `hidden · gelu(gate)` (exact erf GELU).
 #[derive(Module, Debug)]
@@ -17,10 +18,7 @@ pub struct Geglu<B: Backend> {
 
 impl<B: Backend> Geglu<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let y = self.proj.forward(x);
-        let half = y.dims()[2] / 2;
-        let hidden = y.clone().narrow(2, 0, half);
-        hidden * gelu(y.narrow(2, half, half))
+        B::fused_geglu(&self.proj, x)
     }
 }
 
@@ -43,8 +41,9 @@ impl<B: Backend> FeedForward<B> {
         }
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.net_2.forward(self.net_0.forward(x))
+    /// `net_2(net_0(x)) + residual`, the residual added in `net_2`'s epilogue.
+    pub fn forward(&self, x: Tensor<B, 3>, residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+        B::fused_linear(&self.net_2, self.net_0.forward(x), residual)
     }
 }
 
@@ -62,7 +61,11 @@ pub struct BasicTransformerBlock<B: Backend> {
 
 impl<B: Backend> BasicTransformerBlock<B> {
     pub fn new(dim: usize, heads: usize, cross_attention_dim: usize, device: &B::Device) -> Self {
-        let norm = || LayerNormConfig::new(dim).with_epsilon(1e-5).init(device);
+        let norm = || {
+            LayerNormConfig::new(dim)
+                .with_epsilon(LAYER_NORM_EPS)
+                .init(device)
+        };
         let attn = |cross| {
             AttentionConfig::new(dim)
                 .with_heads(heads)
@@ -83,12 +86,14 @@ impl<B: Backend> BasicTransformerBlock<B> {
 
     /// `x`: `[batch, tokens, dim]`, `context`: `[batch, context_tokens, cross_attention_dim]`.
     pub fn forward(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.attn1.forward(layer_norm(&self.norm1, x.clone()), None) + x;
+        let ln = |norm, x| B::fused_layer_norm(norm, x, LAYER_NORM_EPS);
         let x = self
-            .attn2
-            .forward(layer_norm(&self.norm2, x.clone()), Some(context))
-            + x;
-        self.ff.forward(layer_norm(&self.norm3, x.clone())) + x
+            .attn1
+            .forward_with_residual(ln(&self.norm1, x.clone()), None, Some(x));
+        let x =
+            self.attn2
+                .forward_with_residual(ln(&self.norm2, x.clone()), Some(context), Some(x));
+        self.ff.forward(ln(&self.norm3, x.clone()), Some(x))
     }
 
     pub fn set_attention_impl(&mut self, imp: AttentionImpl) {
@@ -156,26 +161,33 @@ impl<B: Backend> Transformer2DModel<B> {
     pub fn forward(&self, x: Tensor<B, 4>, context: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
-        let x = group_norm(&self.norm, x);
+        let x = B::fused_group_norm(&self.norm, x, false);
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => {
-                let y = conv.forward(x);
+                let y = B::fused_conv2d(conv, x, None);
                 let inner = y.dims()[1];
                 y.reshape([b, inner, h * w]).swap_dims(1, 2)
             }
-            Projection::Linear(lin) => lin.forward(x.reshape([b, c, h * w]).swap_dims(1, 2)),
+            Projection::Linear(lin) => {
+                B::fused_linear(lin, x.reshape([b, c, h * w]).swap_dims(1, 2), None)
+            }
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(tokens, context.clone());
         }
-        let out = match &self.proj_out {
+        match &self.proj_out {
             Projection::Conv(conv) => {
                 let inner = tokens.dims()[2];
-                conv.forward(tokens.swap_dims(1, 2).reshape([b, inner, h, w]))
+                let tokens = tokens.swap_dims(1, 2).reshape([b, inner, h, w]);
+                B::fused_conv2d(conv, tokens, Some(residual))
             }
-            Projection::Linear(lin) => lin.forward(tokens).swap_dims(1, 2).reshape([b, c, h, w]),
-        };
-        out + residual
+            Projection::Linear(lin) => {
+                let residual = residual.reshape([b, c, h * w]).swap_dims(1, 2);
+                B::fused_linear(lin, tokens, Some(residual))
+                    .swap_dims(1, 2)
+                    .reshape([b, c, h, w])
+            }
+        }
     }
 
     pub fn set_attention_impl(&mut self, imp: AttentionImpl) {

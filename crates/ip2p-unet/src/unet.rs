@@ -5,11 +5,9 @@ use std::path::Path;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
-use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 use burn::tensor::cast::ToElement;
 use burn::tensor::{DType, Tensor, TensorData};
-use ip2p_nn::norm::group_norm;
+use ip2p_nn::Backend;
 use ip2p_nn::{AttentionImpl, WeightSpec, load_safetensors, weights_file};
 
 use crate::UnetError;
@@ -323,7 +321,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             sample
         };
         let temb = self.temb(timesteps);
-        let mut x = self.conv_in.forward(sample);
+        let mut x = B::fused_conv2d(&self.conv_in, sample, None);
 
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
@@ -347,7 +345,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             x = block.forward(x, own, &temb, &context, upsample_size);
         }
 
-        let x = silu(group_norm(&self.conv_norm_out, x));
-        self.conv_out.forward(x)
+        let x = B::fused_group_norm(&self.conv_norm_out, x, true);
+        B::fused_conv2d(&self.conv_out, x, None)
     }
 }

@@ -5,10 +5,8 @@ use std::path::Path;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
-use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
-use ip2p_nn::norm::group_norm;
+use ip2p_nn::Backend;
 use ip2p_nn::{
     Attention, AttentionConfig, Downsample2D, Downsample2DConfig, ResnetBlock2D,
     ResnetBlock2DConfig, Upsample2D, Upsample2DConfig, WeightSpec,
@@ -159,13 +157,16 @@ impl<B: Backend> Encoder<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = self.conv_in.forward(x);
+        let mut x = B::fused_conv2d(&self.conv_in, x, None);
         for b in &self.down_blocks {
             x = b.forward(x);
         }
         let x = self.mid_block.forward(x);
-        self.conv_out
-            .forward(silu(group_norm(&self.conv_norm_out, x)))
+        B::fused_conv2d(
+            &self.conv_out,
+            B::fused_group_norm(&self.conv_norm_out, x, true),
+            None,
+        )
     }
 }
 
@@ -213,12 +214,17 @@ impl<B: Backend> Decoder<B> {
     }
 
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
-        let mut x = self.mid_block.forward(self.conv_in.forward(z));
+        let mut x = self
+            .mid_block
+            .forward(B::fused_conv2d(&self.conv_in, z, None));
         for b in &self.up_blocks {
             x = b.forward(x);
         }
-        self.conv_out
-            .forward(silu(group_norm(&self.conv_norm_out, x)))
+        B::fused_conv2d(
+            &self.conv_out,
+            B::fused_group_norm(&self.conv_norm_out, x, true),
+            None,
+        )
     }
 }
 
@@ -333,7 +339,7 @@ impl<B: Backend> AutoencoderKLModule<B> {
     pub fn moments(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let h = self.encoder.forward(x);
         match &self.quant_conv {
-            Some(c) => c.forward(h),
+            Some(c) => B::fused_conv2d(c, h, None),
             None => h,
         }
     }
@@ -341,7 +347,7 @@ impl<B: Backend> AutoencoderKLModule<B> {
     /// Unscaled latents `[b, latent, h, w]` → images `[b, 3, h·f, w·f]` (roughly [-1, 1]).
     pub fn decode_raw(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
         let z = match &self.post_quant_conv {
-            Some(c) => c.forward(z),
+            Some(c) => B::fused_conv2d(c, z, None),
             None => z,
         };
         self.decoder.forward(z)

@@ -1,7 +1,7 @@
 //! Batch slicing and tiled encode/decode, as diffusers' `enable_slicing` / `enable_tiling`.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use ip2p_nn::Backend;
 
 use crate::model::AutoencoderKL;
 

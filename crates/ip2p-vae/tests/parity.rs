@@ -19,6 +19,9 @@ fn model_dir(name: &str) -> PathBuf {
     fixtures_dir().join(format!("models/{name}/vae"))
 }
 
+/// Relative L2 bound for "the same computation, summed in another order".
+const SAME: f64 = 1e-5;
+
 fn load(name: &str) -> AutoencoderKL<B> {
     AutoencoderKL::load(model_dir(name), &Default::default(), DType::F32, None).expect("load VAE")
 }
@@ -127,8 +130,10 @@ fn slicing_gives_the_same_numbers() {
         &host(vae.decode(z).unwrap()),
     );
     println!("slicing vs batch: encode {e:?}, decode {d:?}");
-    assert_eq!(e.max_abs, 0.0, "sliced encode differs");
-    assert_eq!(d.max_abs, 0.0, "sliced decode differs");
+    // Not bit-identical: the CPU kernels fold the batch into each GEMM, so one image and a
+    // batch sum in different orders (measured 9e-7 encode, 2.4e-6 decode). A real difference is >= 1e-3.
+    assert!(e.rel_l2 <= SAME, "sliced encode differs: {e:?}");
+    assert!(d.rel_l2 <= SAME, "sliced decode differs: {d:?}");
 }
 
 /// `bounds`: the largest relative L2 distance of tiled from untiled (encode mean, decode).
@@ -164,13 +169,18 @@ fn tiling(name: &str, bounds: (f64, f64)) {
     });
     let x: Tensor<B, 4> = fx.tensor("image", &device);
     let z: Tensor<B, 4> = fx.tensor("latents", &device);
-    assert_eq!(
-        host(whole.encode(x.clone()).unwrap().mean),
-        host(vae.encode(x).unwrap().mean)
+    // Slicing is on, so equal up to summation order (see `slicing_gives_the_same_numbers`).
+    let e = diff(
+        &host(whole.encode(x.clone()).unwrap().mean),
+        &host(vae.encode(x).unwrap().mean),
     );
-    assert_eq!(
-        host(whole.decode(z.clone()).unwrap()),
-        host(vae.decode(z).unwrap())
+    let d = diff(
+        &host(whole.decode(z.clone()).unwrap()),
+        &host(vae.decode(z).unwrap()),
+    );
+    assert!(
+        e.rel_l2 <= SAME && d.rel_l2 <= SAME,
+        "untiled tiling differs: {e:?} {d:?}"
     );
 }
 

@@ -17,9 +17,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
+use ip2p_nn::Backend;
 use ip2p_unet::UNet2DConditionModel;
 
 use super::TrainError;

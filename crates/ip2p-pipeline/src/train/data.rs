@@ -30,9 +30,9 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
-use burn::tensor::backend::Backend;
 use image::RgbImage;
 use image::imageops;
+use ip2p_nn::Backend;
 use ip2p_text::ClipTokenizer;
 
 use super::TrainError;

@@ -3,8 +3,8 @@
 
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, TensorData};
+use ip2p_nn::{AutodiffBackend, Backend};
 use ip2p_sched::{Ddpm, NoiseRng, PredictionType, Scheduler};
 use ip2p_text::PromptEncoder;
 use ip2p_unet::UNet2DConditionModel;

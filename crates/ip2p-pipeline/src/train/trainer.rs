@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion};
+use ip2p_nn::AutodiffBackend;
 use ip2p_sched::{Ddpm, PredictionType, SchedulerConfig};
 use ip2p_unet::UNet2DConditionModel;
 

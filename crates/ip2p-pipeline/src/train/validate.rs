@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
+use ip2p_nn::Backend;
 use ip2p_sched::{Ddpm, NoiseRng, SchedulerConfig, SchedulerKind};
 use ip2p_unet::UNet2DConditionModel;
 

@@ -1,0 +1,71 @@
+//! Element-wise activations, vectorised (rten-vecmath's SiLU and erf-GELU on the run-time
+//! instruction set) and split across the cores in chunks.
+
+use rayon::prelude::*;
+use rten_simd::functional::simd_map;
+use rten_simd::{Isa, SimdOp, SimdUnaryOp};
+use rten_vecmath::{Gelu, Silu};
+
+use crate::isa;
+
+/// Elements per parallel task: small enough to share work, large enough to amortise it.
+const CHUNK: usize = 1 << 14;
+
+/// Applies a unary op to a slice in place; the op [`isa::dispatch`] runs.
+struct MapInPlace<'a, Op> {
+    data: &'a mut [f32],
+    op: &'a Op,
+}
+
+impl<Op: SimdUnaryOp<f32>> SimdOp for MapInPlace<'_, Op> {
+    type Output = ();
+
+    #[inline(always)]
+    fn eval<I: Isa>(self, isa: I) {
+        let op = self.op;
+        simd_map(isa.f32(), self.data, |x| op.eval(isa, x));
+    }
+}
+
+/// Apply `op` to `data` in place on the current thread.
+pub(crate) fn map_in_place<Op: SimdUnaryOp<f32>>(data: &mut [f32], op: &Op) {
+    isa::dispatch(MapInPlace { data, op });
+}
+
+fn par_map<Op: SimdUnaryOp<f32> + Sync>(data: &mut [f32], op: &Op) {
+    data.par_chunks_mut(CHUNK).for_each(|c| map_in_place(c, op));
+}
+
+/// `x · sigmoid(x)`, in place.
+pub fn silu(x: &mut [f32]) {
+    par_map(x, &Silu {});
+}
+
+/// `0.5 · x · (1 + erf(x / √2))` (PyTorch's default, exact-erf GELU), in place. rten's erf has
+/// an absolute error below 2e-7.
+pub fn gelu(x: &mut [f32]) {
+    par_map(x, &Gelu {});
+}
+
+/// GEGLU's gate: `x` is `[rows, 2·inner]` (a projection's output); `out[r, j] = x[r, j] ·
+/// gelu(x[r, inner + j])`, `out` `[rows, inner]`, without materialising the two halves.
+pub fn geglu(x: &[f32], rows: usize, inner: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), rows * 2 * inner, "geglu: input length");
+    assert_eq!(out.len(), rows * inner, "geglu: output length");
+    if inner == 0 {
+        return;
+    }
+    let rows_per_task = (CHUNK / inner).max(1);
+    out.par_chunks_mut(rows_per_task * inner)
+        .zip(x.par_chunks(rows_per_task * 2 * inner))
+        .for_each(|(out, x)| {
+            for (o, x) in out.chunks_mut(inner).zip(x.chunks(2 * inner)) {
+                let (hidden, gate) = x.split_at(inner);
+                o.copy_from_slice(gate);
+                map_in_place(o, &Gelu {});
+                for (o, h) in o.iter_mut().zip(hidden) {
+                    *o *= h;
+                }
+            }
+        });
+}

@@ -1,0 +1,15 @@
+//! ip2p's CPU kernels, on plain `f32` slices with no Burn types, so they can be tested and
+//! benched alone. Every kernel is parallel over the machine's cores (rayon) and picks its SIMD
+//! instruction set at run time (AVX-512, AVX2+FMA, NEON or scalar): one binary runs everywhere.
+//!
+//! Layouts are PyTorch's: images `[batch, channels, height, width]`, conv weights
+//! `[out, in, kh, kw]`, token matrices row-major `[rows, features]`.
+
+pub mod activation;
+pub mod attention;
+pub mod conv;
+pub mod gemm;
+pub mod isa;
+pub mod linear;
+pub mod norm;
+pub mod winograd;

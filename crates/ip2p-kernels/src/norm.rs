@@ -1,0 +1,147 @@
+//! GroupNorm (optionally followed by SiLU) and LayerNorm, each in two passes over data that
+//! is still in cache: statistics, then normalise-and-scale (and SiLU) in place.
+//!
+//! Statistics as PyTorch defines them: mean and biased variance per group or row, `eps` added
+//! to the variance. Sums are taken in f32 SIMD lanes over blocks and accumulated in f64, so a
+//! VAE group of a million elements keeps its mean exact to f32 precision.
+
+use rayon::prelude::*;
+use rten_simd::{Isa, SimdOp};
+use rten_vecmath::{Normalize, NormalizeOptions, Silu, Sum, SumSquareSub};
+
+use crate::activation::map_in_place;
+use crate::isa;
+
+/// Elements summed in f32 before the partial sum is added in f64.
+const BLOCK: usize = 4096;
+
+/// Mean and biased variance of `x`.
+fn moments(x: &[f32]) -> (f64, f64) {
+    struct Moments<'a>(&'a [f32]);
+    impl SimdOp for Moments<'_> {
+        type Output = (f64, f64);
+        #[inline(always)]
+        fn eval<I: Isa>(self, isa: I) -> (f64, f64) {
+            let x = self.0;
+            let n = x.len().max(1) as f64;
+            let sum: f64 = x.chunks(BLOCK).map(|c| Sum::new(c).eval(isa) as f64).sum();
+            let mean = sum / n;
+            let sq: f64 = x
+                .chunks(BLOCK)
+                .map(|c| SumSquareSub::new(c, mean as f32).eval(isa) as f64)
+                .sum();
+            (mean, sq / n)
+        }
+    }
+    isa::dispatch(Moments(x))
+}
+
+/// `x = (x − mean) · scale · gamma + beta` with per-element or constant gamma/beta.
+struct Affine<'a> {
+    x: &'a mut [f32],
+    opts: NormalizeOptions<'a>,
+}
+
+impl SimdOp for Affine<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn eval<I: Isa>(self, isa: I) {
+        Normalize::new_mut(self.x, self.opts).eval(isa);
+    }
+}
+
+/// GroupNorm over `x` `[batch, channels, spatial]` written to `out` (same shape), then SiLU
+/// when `silu` is set. `gamma`/`beta` are per channel.
+///
+/// # Panics
+/// When lengths disagree or `groups` does not divide `channels`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm(
+    x: &[f32],
+    batch: usize,
+    channels: usize,
+    spatial: usize,
+    groups: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    silu: bool,
+    out: &mut [f32],
+) {
+    assert!(
+        groups > 0 && channels.is_multiple_of(groups),
+        "group_norm: {groups} groups do not divide {channels} channels"
+    );
+    assert_eq!(
+        x.len(),
+        batch * channels * spatial,
+        "group_norm: input length"
+    );
+    assert_eq!(out.len(), x.len(), "group_norm: output length");
+    assert_eq!(gamma.len(), channels, "group_norm: gamma length");
+    assert_eq!(beta.len(), channels, "group_norm: beta length");
+    let per_group = channels / groups;
+    let group_len = per_group * spatial;
+    if group_len == 0 {
+        return;
+    }
+    out.par_chunks_mut(group_len)
+        .zip(x.par_chunks(group_len))
+        .enumerate()
+        .for_each(|(i, (out, x))| {
+            let (mean, var) = moments(x);
+            let inv_std = (1.0 / (var + eps as f64).sqrt()) as f32;
+            out.copy_from_slice(x);
+            let c0 = (i % groups) * per_group;
+            for (j, plane) in out.chunks_mut(spatial).enumerate() {
+                let c = c0 + j;
+                let opts = NormalizeOptions {
+                    pre_scale_bias: mean as f32,
+                    scale: inv_std * gamma[c],
+                    bias: beta[c],
+                    ..Default::default()
+                };
+                isa::dispatch(Affine { x: plane, opts });
+                if silu {
+                    map_in_place(plane, &Silu {});
+                }
+            }
+        });
+}
+
+/// LayerNorm over the last dimension of `x` `[rows, dim]`, written to `out`.
+pub fn layer_norm(
+    x: &[f32],
+    rows: usize,
+    dim: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    out: &mut [f32],
+) {
+    assert_eq!(x.len(), rows * dim, "layer_norm: input length");
+    assert_eq!(out.len(), x.len(), "layer_norm: output length");
+    assert_eq!(gamma.len(), dim, "layer_norm: gamma length");
+    assert_eq!(beta.len(), dim, "layer_norm: beta length");
+    if dim == 0 {
+        return;
+    }
+    let rows_per_task = (16384 / dim).max(1);
+    out.par_chunks_mut(rows_per_task * dim)
+        .zip(x.par_chunks(rows_per_task * dim))
+        .for_each(|(out, x)| {
+            for (o, x) in out.chunks_mut(dim).zip(x.chunks(dim)) {
+                let (mean, var) = moments(x);
+                let inv_std = (1.0 / (var + eps as f64).sqrt()) as f32;
+                o.copy_from_slice(x);
+                let opts = NormalizeOptions {
+                    pre_scale_bias: mean as f32,
+                    scale: inv_std,
+                    element_scale: Some(gamma),
+                    element_bias: Some(beta),
+                    ..Default::default()
+                };
+                isa::dispatch(Affine { x: o, opts });
+            }
+        });
+}

@@ -1,0 +1,271 @@
+//! The CPU backend (burn-flex) on ip2p-kernels. Each method takes the kernel path for f32
+//! tensors and falls back to [`super::generic`] for what the kernels do not cover.
+
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, LayerNorm, Linear, PaddingConfig2d};
+use burn::tensor::{Bytes, DType, Shape, Tensor, TensorPrimitive};
+use burn_flex::Flex;
+use burn_flex::{FlexTensor, Layout};
+use ip2p_kernels::attention::{AttentionLayout, AttentionShape};
+use ip2p_kernels::conv::Conv2dShape;
+
+use super::{Backend, generic};
+use crate::attention::AttentionImpl;
+
+/// An f32 tensor's contiguous storage (copied only when it is a strided view).
+struct F32 {
+    tensor: FlexTensor,
+}
+
+impl F32 {
+    fn new<const D: usize>(t: Tensor<Flex, D>) -> Self {
+        let tensor = match t.into_primitive() {
+            TensorPrimitive::Float(t) => t.to_contiguous(),
+            TensorPrimitive::QFloat(_) => unreachable!("callers pass f32 tensors only"),
+        };
+        Self { tensor }
+    }
+
+    fn slice(&self) -> &[f32] {
+        self.tensor
+            .as_slice::<f32>()
+            .expect("a contiguous f32 tensor has a slice")
+    }
+}
+
+fn is_f32<const D: usize>(t: &Tensor<Flex, D>) -> bool {
+    t.dtype() == DType::F32
+}
+
+fn tensor<const D: usize>(data: Vec<f32>, dims: [usize; D]) -> Tensor<Flex, D> {
+    let t = FlexTensor::new(
+        Bytes::from_elems(data),
+        Layout::contiguous(Shape::from(dims.to_vec())),
+        DType::F32,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn param<const D: usize>(p: &burn::module::Param<Tensor<Flex, D>>) -> F32 {
+    F32::new(p.val())
+}
+
+/// `[top, left, bottom, right]` of the padding configurations the kernels take.
+fn padding(p: &PaddingConfig2d) -> Option<[usize; 4]> {
+    match p {
+        PaddingConfig2d::Valid => Some([0; 4]),
+        PaddingConfig2d::Explicit(t, l, b, r) => Some([*t, *l, *b, *r]),
+        PaddingConfig2d::Same => None,
+    }
+}
+
+impl Backend for Flex {
+    fn fused_conv2d(
+        conv: &Conv2d<Flex>,
+        x: Tensor<Flex, 4>,
+        residual: Option<Tensor<Flex, 4>>,
+    ) -> Tensor<Flex, 4> {
+        let weight = conv.weight.val();
+        let [cout, cin_g, kh, kw] = weight.dims();
+        let [n, cin, h, w] = x.dims();
+        let pad = padding(&conv.padding);
+        let usable = is_f32(&x)
+            && is_f32(&weight)
+            && residual.as_ref().is_none_or(is_f32)
+            && conv.groups == 1
+            && conv.dilation == [1, 1]
+            && cin_g == cin
+            && pad.is_some();
+        let shape = pad.map(|padding| Conv2dShape {
+            batch: n,
+            in_channels: cin,
+            height: h,
+            width: w,
+            out_channels: cout,
+            kernel: [kh, kw],
+            stride: conv.stride,
+            padding,
+        });
+        let shape = match shape {
+            Some(s) if usable && s.check().is_ok() => s,
+            _ => return generic::conv2d(conv, x, residual),
+        };
+        let [oh, ow] = shape.out_hw();
+        if let Some(r) = &residual
+            && r.dims() != [n, cout, oh, ow]
+        {
+            return generic::conv2d(conv, x, residual);
+        }
+        let x = F32::new(x);
+        let weight = F32::new(weight);
+        let bias = conv.bias.as_ref().map(param);
+        let residual = residual.map(F32::new);
+        let mut out = vec![0.0; shape.output_len()];
+        ip2p_kernels::conv::conv2d(
+            &shape,
+            x.slice(),
+            weight.slice(),
+            bias.as_ref().map(F32::slice),
+            residual.as_ref().map(F32::slice),
+            &mut out,
+        );
+        tensor(out, [n, cout, oh, ow])
+    }
+
+    fn fused_group_norm<const D: usize>(
+        norm: &GroupNorm<Flex>,
+        x: Tensor<Flex, D>,
+        silu: bool,
+    ) -> Tensor<Flex, D> {
+        let dims = x.dims();
+        if !is_f32(&x) || D < 2 || dims[1] != norm.num_channels {
+            return generic::group_norm(norm, x, silu);
+        }
+        let (batch, channels) = (dims[0], dims[1]);
+        let spatial = dims[2..].iter().product();
+        let (gamma, beta) = match (&norm.gamma, &norm.beta) {
+            (Some(g), Some(b)) if norm.affine => (param(g), param(b)),
+            _ => (
+                F32::new(Tensor::<Flex, 1>::ones([channels], &x.device())),
+                F32::new(Tensor::<Flex, 1>::zeros([channels], &x.device())),
+            ),
+        };
+        let x = F32::new(x);
+        let mut out = vec![0.0; x.slice().len()];
+        ip2p_kernels::norm::group_norm(
+            x.slice(),
+            batch,
+            channels,
+            spatial,
+            norm.num_groups,
+            gamma.slice(),
+            beta.slice(),
+            norm.epsilon as f32,
+            silu,
+            &mut out,
+        );
+        tensor(out, dims)
+    }
+
+    fn fused_layer_norm<const D: usize>(
+        norm: &LayerNorm<Flex>,
+        x: Tensor<Flex, D>,
+        eps: f64,
+    ) -> Tensor<Flex, D> {
+        let dims = x.dims();
+        let dim = dims[D - 1];
+        if !is_f32(&x) || norm.gamma.dims() != [dim] {
+            return generic::layer_norm(norm, x, eps);
+        }
+        let gamma = param(&norm.gamma);
+        let beta = match &norm.beta {
+            Some(b) => param(b),
+            None => F32::new(Tensor::<Flex, 1>::zeros([dim], &x.device())),
+        };
+        let x = F32::new(x);
+        let mut out = vec![0.0; x.slice().len()];
+        let rows = x.slice().len() / dim.max(1);
+        ip2p_kernels::norm::layer_norm(
+            x.slice(),
+            rows,
+            dim,
+            gamma.slice(),
+            beta.slice(),
+            eps as f32,
+            &mut out,
+        );
+        tensor(out, dims)
+    }
+
+    fn fused_linear<const D: usize>(
+        linear: &Linear<Flex>,
+        x: Tensor<Flex, D>,
+        residual: Option<Tensor<Flex, D>>,
+    ) -> Tensor<Flex, D> {
+        let weight = linear.weight.val();
+        let [fan_in, fan_out] = weight.dims();
+        let dims = x.dims();
+        let mut out_dims = dims;
+        out_dims[D - 1] = fan_out;
+        let usable = is_f32(&x)
+            && is_f32(&weight)
+            && dims[D - 1] == fan_in
+            && residual
+                .as_ref()
+                .is_none_or(|r| is_f32(r) && r.dims() == out_dims);
+        if !usable {
+            return generic::linear(linear, x, residual);
+        }
+        let rows = dims[..D - 1].iter().product();
+        let x = F32::new(x);
+        let weight = F32::new(weight);
+        let bias = linear.bias.as_ref().map(param);
+        let residual = residual.map(F32::new);
+        let mut out = vec![0.0; rows * fan_out];
+        ip2p_kernels::linear::linear(
+            x.slice(),
+            rows,
+            fan_in,
+            weight.slice(),
+            fan_out,
+            bias.as_ref().map(F32::slice),
+            residual.as_ref().map(F32::slice),
+            &mut out,
+        );
+        tensor(out, out_dims)
+    }
+
+    fn fused_geglu(proj: &Linear<Flex>, x: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
+        let two_inner = proj.weight.dims()[1];
+        if !is_f32(&x) || !is_f32(&proj.weight.val()) || two_inner % 2 != 0 {
+            return generic::geglu(proj, x);
+        }
+        let y = <Flex as Backend>::fused_linear(proj, x, None);
+        let [b, l, _] = y.dims();
+        let inner = two_inner / 2;
+        let y = F32::new(y);
+        let mut out = vec![0.0; b * l * inner];
+        ip2p_kernels::activation::geglu(y.slice(), b * l, inner, &mut out);
+        tensor(out, [b, l, inner])
+    }
+
+    fn fused_attention(
+        q: Tensor<Flex, 3>,
+        k: Tensor<Flex, 3>,
+        v: Tensor<Flex, 3>,
+        heads: usize,
+        imp: AttentionImpl,
+    ) -> Tensor<Flex, 3> {
+        let [b, lq, inner] = q.dims();
+        let [bk, lk, inner_k] = k.dims();
+        let usable = [&q, &k, &v].into_iter().all(is_f32)
+            && heads > 0
+            && inner % heads == 0
+            && bk == b
+            && inner_k == inner
+            && v.dims() == k.dims();
+        if !usable {
+            return generic::attention(q, k, v, heads, imp);
+        }
+        let shape = AttentionShape {
+            batch: b,
+            heads,
+            q_len: lq,
+            kv_len: lk,
+            head_dim: inner / heads,
+        };
+        let (q, k, v) = (F32::new(q), F32::new(k), F32::new(v));
+        let scale = (shape.head_dim as f32).powf(-0.5);
+        let mut out = vec![0.0; b * lq * inner];
+        ip2p_kernels::attention::attention(
+            &shape,
+            &AttentionLayout::contiguous(&shape),
+            q.slice(),
+            k.slice(),
+            v.slice(),
+            scale,
+            &mut out,
+        );
+        tensor(out, [b, lq, inner])
+    }
+}
