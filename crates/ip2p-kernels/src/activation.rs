@@ -23,7 +23,14 @@ impl<Op: SimdUnaryOp<f32>> SimdOp for MapInPlace<'_, Op> {
     #[inline(always)]
     fn eval<I: Isa>(self, isa: I) {
         let op = self.op;
-        simd_map(isa.f32(), self.data, |x| op.eval(isa, x));
+        // `inline(always)`: a closure does not inherit the caller's target features, so
+        // without it the SIMD intrinsics become calls.
+        simd_map(
+            isa.f32(),
+            self.data,
+            #[inline(always)]
+            |x| op.eval(isa, x),
+        );
     }
 }
 

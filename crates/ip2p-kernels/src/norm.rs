@@ -24,12 +24,16 @@ fn moments(x: &[f32]) -> (f64, f64) {
         fn eval<I: Isa>(self, isa: I) -> (f64, f64) {
             let x = self.0;
             let n = x.len().max(1) as f64;
-            let sum: f64 = x.chunks(BLOCK).map(|c| Sum::new(c).eval(isa) as f64).sum();
+            // Loops, not closures: a closure would not inherit the target features.
+            let mut sum = 0.0f64;
+            for c in x.chunks(BLOCK) {
+                sum += Sum::new(c).eval(isa) as f64;
+            }
             let mean = sum / n;
-            let sq: f64 = x
-                .chunks(BLOCK)
-                .map(|c| SumSquareSub::new(c, mean as f32).eval(isa) as f64)
-                .sum();
+            let mut sq = 0.0f64;
+            for c in x.chunks(BLOCK) {
+                sq += SumSquareSub::new(c, mean as f32).eval(isa) as f64;
+            }
             (mean, sq / n)
         }
     }
