@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 use rten_simd::functional::simd_map;
+use rten_simd::ops::{BitOps, NumOps};
 use rten_simd::{Isa, SimdOp, SimdUnaryOp};
 use rten_vecmath::{Gelu, Silu};
 
@@ -54,8 +55,38 @@ pub fn gelu(x: &mut [f32]) {
     par_map(x, &Gelu {});
 }
 
+/// `out[i] = hidden[i] · gelu(gate[i])` in one pass.
+struct GatedGelu<'a> {
+    hidden: &'a [f32],
+    gate: &'a [f32],
+    out: &'a mut [f32],
+}
+
+impl SimdOp for GatedGelu<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn eval<I: Isa>(self, isa: I) {
+        let ops = isa.f32();
+        let lanes = ops.len();
+        let n = self.out.len();
+        let body = n - n % lanes;
+        let gelu = Gelu {};
+        for i in (0..body).step_by(lanes) {
+            let g = gelu.eval(isa, ops.load(&self.gate[i..i + lanes]));
+            let y = ops.mul(ops.load(&self.hidden[i..i + lanes]), g);
+            ops.store(y, &mut self.out[i..i + lanes]);
+        }
+        for i in body..n {
+            let mut g = [self.gate[i]];
+            map_in_place(&mut g, &gelu);
+            self.out[i] = self.hidden[i] * g[0];
+        }
+    }
+}
+
 /// GEGLU's gate: `x` is `[rows, 2·inner]` (a projection's output); `out[r, j] = x[r, j] ·
-/// gelu(x[r, inner + j])`, `out` `[rows, inner]`, without materialising the two halves.
+/// gelu(x[r, inner + j])`, `out` `[rows, inner]`, in one pass without materialising the halves.
 pub fn geglu(x: &[f32], rows: usize, inner: usize, out: &mut [f32]) {
     assert_eq!(x.len(), rows * 2 * inner, "geglu: input length");
     assert_eq!(out.len(), rows * inner, "geglu: output length");
@@ -68,11 +99,7 @@ pub fn geglu(x: &[f32], rows: usize, inner: usize, out: &mut [f32]) {
         .for_each(|(out, x)| {
             for (o, x) in out.chunks_mut(inner).zip(x.chunks(2 * inner)) {
                 let (hidden, gate) = x.split_at(inner);
-                o.copy_from_slice(gate);
-                map_in_place(o, &Gelu {});
-                for (o, h) in o.iter_mut().zip(hidden) {
-                    *o *= h;
-                }
+                isa::dispatch(GatedGelu { hidden, gate, out: o });
             }
         });
 }

@@ -6,10 +6,13 @@
 //! VAE group of a million elements keeps its mean exact to f32 precision.
 
 use rayon::prelude::*;
-use rten_simd::{Isa, SimdOp};
+use std::mem::MaybeUninit;
+
+use rten_simd::functional::simd_map;
+use rten_simd::ops::{BitOps, NumOps};
+use rten_simd::{Isa, SimdOp, SimdUnaryOp};
 use rten_vecmath::{Normalize, NormalizeOptions, Silu, Sum, SumSquareSub};
 
-use crate::activation::map_in_place;
 use crate::isa;
 
 /// Elements summed in f32 before the partial sum is added in f64.
@@ -54,6 +57,38 @@ impl SimdOp for Affine<'_> {
     }
 }
 
+/// `dst = (src − mean) · scale + bias`, then SiLU when `silu`: one read, one write.
+struct ScaleShift<'a> {
+    src: &'a [f32],
+    dst: &'a mut [f32],
+    mean: f32,
+    scale: f32,
+    bias: f32,
+    silu: bool,
+}
+
+impl SimdOp for ScaleShift<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn eval<I: Isa>(self, isa: I) {
+        let ops = isa.f32();
+        let (m, s, b) = (ops.splat(self.mean), ops.splat(self.scale), ops.splat(self.bias));
+        // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and `simd_map` only writes
+        // initialised values, so `dst` holds valid f32s afterwards.
+        let dst = unsafe { &mut *(self.dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        let silu = self.silu;
+        simd_map(
+            ops,
+            (self.src, dst),
+            #[inline(always)]
+            |x| {
+                let y = ops.mul_add(ops.sub(x, m), s, b);
+                if silu { Silu {}.eval(isa, y) } else { y }
+            },
+        );
+    }
+}
+
 /// GroupNorm over `x` `[batch, channels, spatial]` written to `out` (same shape), then SiLU
 /// when `silu` is set. `gamma`/`beta` are per channel.
 ///
@@ -95,20 +130,17 @@ pub fn group_norm(
         .for_each(|(i, (out, x))| {
             let (mean, var) = moments(x);
             let inv_std = (1.0 / (var + eps as f64).sqrt()) as f32;
-            out.copy_from_slice(x);
             let c0 = (i % groups) * per_group;
-            for (j, plane) in out.chunks_mut(spatial).enumerate() {
+            for (j, (dst, src)) in out.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate() {
                 let c = c0 + j;
-                let opts = NormalizeOptions {
-                    pre_scale_bias: mean as f32,
+                isa::dispatch(ScaleShift {
+                    src,
+                    dst,
+                    mean: mean as f32,
                     scale: inv_std * gamma[c],
                     bias: beta[c],
-                    ..Default::default()
-                };
-                isa::dispatch(Affine { x: plane, opts });
-                if silu {
-                    map_in_place(plane, &Silu {});
-                }
+                    silu,
+                });
             }
         });
 }
