@@ -1,4 +1,4 @@
-//! Times im2col + GEMM (`conv::conv2d`) against Winograd (`winograd::conv3x3`) at SD 1.5's 3×3
+//! Times im2col + GEMM (`conv::conv2d_im2col`) against Winograd (`winograd::conv3x3`) at SD 1.5's 3×3
 //! conv shapes: the measurements `winograd::suitable` is based on. GFLOP/s count a direct
 //! conv's FLOPs (2 · outputs · cin · 9) over the time taken, so the columns compare speed.
 //!
@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use ip2p_kernels::conv::{Conv2dShape, conv2d};
+use ip2p_kernels::conv::{Conv2dShape, conv2d_im2col};
 use ip2p_kernels::winograd::{conv3x3, suitable};
 
 /// `(batch, in, out, side)`: the UNet's at batch 3 (classifier-free guidance on two
@@ -68,9 +68,9 @@ fn main() {
             start.elapsed().as_secs_f64()
         };
         // One warm-up each, then the best of the rounds.
-        let (mut direct, mut wino) = (time(conv2d), time(conv3x3));
+        let (mut direct, mut wino) = (time(conv2d_im2col), time(conv3x3));
         for _ in 0..rounds {
-            direct = direct.min(time(conv2d));
+            direct = direct.min(time(conv2d_im2col));
             wino = wino.min(time(conv3x3));
         }
         let gflops = |t: f64| shape.flops() / t * 1e-9;

@@ -110,6 +110,34 @@ pub fn conv2d(
     if crate::winograd::suitable(shape) {
         return crate::winograd::conv3x3(shape, input, weight, bias, residual, out);
     }
+    conv2d_im2col(shape, input, weight, bias, residual, out);
+}
+
+/// [`conv2d`] always through im2col + GEMM, never Winograd (the baseline Winograd is measured
+/// against).
+///
+/// # Panics
+/// As [`conv2d`].
+pub fn conv2d_im2col(
+    shape: &Conv2dShape,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    if let Err(e) = shape.check() {
+        panic!("{e}");
+    }
+    assert_eq!(input.len(), shape.input_len(), "conv2d: input length");
+    assert_eq!(weight.len(), shape.weight_len(), "conv2d: weight length");
+    assert_eq!(out.len(), shape.output_len(), "conv2d: output length");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), shape.out_channels, "conv2d: bias length");
+    }
+    if let Some(r) = residual {
+        assert_eq!(r.len(), out.len(), "conv2d: residual length");
+    }
     let [oh, ow] = shape.out_hw();
     let positions = oh * ow;
     let k = shape.in_channels * shape.kernel[0] * shape.kernel[1];

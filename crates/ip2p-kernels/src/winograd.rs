@@ -3,7 +3,7 @@
 //! maps, F(2×2, 3×3) on 4×4 tiles.
 //!
 //! With `ξ` indexing the `N×N` elements of a transformed tile:
-//! 1. input transform `V = Bᵀ d B` of each tile and input channel, laid out `[cin][ξ][tile]`;
+//! 1. input transform `V = Bᵀ d B` of each tile and input channel, laid out `[ξ][cin][tile]`;
 //! 2. weight transform `U = G g Gᵀ` of each kernel, `[cout][ξ][cin]`;
 //! 3. one GEMM per `ξ`, `M_ξ = U_ξ · V_ξ` (`[cout] × [tile]`), then the output transform
 //!    `Aᵀ M A` plus bias and residual, written straight into `out`.
@@ -13,7 +13,9 @@
 //! whole and kept while the other streams past it in pieces (`Plan`), which bounds the
 //! scratch to 32 MiB; the scratch is pooled between calls, so that calls do not page fresh
 //! memory in. The transforms run one tile (or kernel) per SIMD lane, compiled for the
-//! machine's best instruction set through [`isa::dispatch`].
+//! machine's best instruction set through [`isa::dispatch`]. With AVX-512, whole rows of 16
+//! tiles move between image rows and lanes by permutes (`avx512::deinterleave`,
+//! `avx512::interleave`), and kernels into lanes by gathers, instead of one value at a time.
 
 use std::sync::Mutex;
 
@@ -46,8 +48,10 @@ const MIN_IN_CHANNELS: usize = 16;
 const STEP: usize = 64;
 
 /// Most output channels per block when the tiles are kept: more blocks than cores, so a core
-/// slowed by another process does not hold the others up.
-const MAX_BLOCK: usize = 64;
+/// slowed by another process does not hold the others up; and at most 48, below which the
+/// `gemm` crate reads the transformed tiles in place instead of copying them into packed
+/// panels first (measured faster at 16×16 and 8×8 maps, where the copy took ~18%).
+const MAX_BLOCK: usize = 48;
 
 /// Bands of tile rows per core when the weights are kept, for the same reason.
 const BANDS_PER_THREAD: usize = 4;
@@ -487,18 +491,17 @@ fn tiles_kept<const M: usize, const N: usize, A: Algorithm<M, N>>(
             tiles,
         };
         let v = v.take(nn * cin * tiles);
-        v.par_chunks_mut(nn * tiles)
-            .enumerate()
-            .for_each(|(ci, dst)| {
-                isa::dispatch(InputTransform {
-                    alg,
-                    chunk,
-                    input: args.input,
-                    ci,
-                    cin,
-                    dst,
-                })
-            });
+        let shared = SharedSlice::new(v);
+        (0..cin).into_par_iter().for_each(|ci| {
+            isa::dispatch(InputTransform {
+                alg,
+                chunk,
+                input: args.input,
+                ci,
+                cin,
+                dst: &shared,
+            })
+        });
         let v = &*v;
         planes.par_chunks_mut(block).enumerate().for_each_init(
             Scratch::default,
@@ -527,7 +530,7 @@ fn tiles_kept<const M: usize, const N: usize, A: Algorithm<M, N>>(
     }
 }
 
-/// The input transform of `chunk`'s tiles, every input channel, into `v` `[cin][ξ][tile]`.
+/// The input transform of `chunk`'s tiles, every input channel, into `v` `[ξ][cin][tile]`.
 fn transform_tiles<const M: usize, const N: usize, A: Algorithm<M, N>>(
     alg: A,
     args: &Args,
@@ -535,15 +538,52 @@ fn transform_tiles<const M: usize, const N: usize, A: Algorithm<M, N>>(
     v: &mut [f32],
 ) {
     let cin = args.shape.in_channels;
-    for (ci, dst) in v.chunks_mut(N * N * chunk.tiles).enumerate() {
+    let shared = SharedSlice::new(v);
+    for ci in 0..cin {
         isa::dispatch(InputTransform {
             alg,
             chunk,
             input: args.input,
             ci,
             cin,
-            dst,
+            dst: &shared,
         });
+    }
+}
+
+/// A slice that input transforms of different channels write in parallel, each its own
+/// elements: channel `ci`'s `[ξ][tile]` at `(ξ · cin + ci) · tiles`, of `[ξ][cin][tile]`.
+struct SharedSlice<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _slice: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a `SharedSlice` is a `&mut [f32]` whose users write disjoint elements
+// (`InputTransform`s of different channels), so sharing it between threads races nowhere.
+unsafe impl Send for SharedSlice<'_> {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for SharedSlice<'_> {}
+
+impl<'a> SharedSlice<'a> {
+    fn new(v: &'a mut [f32]) -> Self {
+        Self {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+            _slice: std::marker::PhantomData,
+        }
+    }
+
+    /// Elements `start..start + len`.
+    ///
+    /// # Safety
+    /// No other thread may access these elements while the returned slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start <= self.len && len <= self.len - start);
+        // SAFETY: inside the slice `new` was given (asserted), which outlives `'a`; the
+        // caller guarantees exclusive access to these elements.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
 }
 
@@ -574,7 +614,7 @@ impl<'p> Planes<'p> for Vec<&'p mut [f32]> {
 }
 
 /// On the calling thread: the GEMMs `M_ξ = U_ξ · V_ξ` of output channels `co0..` (`u`
-/// `[co][ξ][cin]`) over `chunk`'s tiles (`v` `[cin][ξ][tile]`), into `m` `[co][ξ][tile]`, then
+/// `[co][ξ][cin]`) over `chunk`'s tiles (`v` `[ξ][cin][tile]`), into `m` `[co][ξ][tile]`, then
 /// each channel's output transform into `targets`.
 #[allow(clippy::too_many_arguments)]
 fn multiply_and_output<'p, const M: usize, const N: usize, A: Algorithm<M, N>, P: Planes<'p>>(
@@ -591,7 +631,7 @@ fn multiply_and_output<'p, const M: usize, const N: usize, A: Algorithm<M, N>, P
     let cob = targets.planes.len();
     for xi in 0..nn {
         let a = MatRef::strided(&u[xi * cin..], cob, cin, nn * cin, 1);
-        let b = MatRef::strided(&v[xi * tiles..], cin, tiles, nn * tiles, 1);
+        let b = MatRef::strided(&v[xi * cin * tiles..], cin, tiles, tiles, 1);
         let c = MatMut::strided(&mut m[xi * tiles..], cob, tiles, nn * tiles, 1);
         matmul(c, a, b, 1.0, false, Threads::One);
     }
@@ -722,14 +762,20 @@ fn load<O: NumOps<f32>>(o: O, src: &[f32], len: usize) -> O::Simd {
     }
 }
 
-/// `V = Bᵀ d B` of one input channel's tiles in a chunk, into `dst` `[ξ][tile]`.
+/// `V = Bᵀ d B` of one input channel's tiles in a chunk, into its elements of `dst`
+/// `[ξ][cin][tile]`.
 struct InputTransform<'a, const M: usize, const N: usize, A> {
     alg: A,
     chunk: Chunk,
     input: &'a [f32],
     ci: usize,
     cin: usize,
-    dst: &'a mut [f32],
+    dst: &'a SharedSlice<'a>,
+}
+
+/// Whether the transforms may gather with AVX-512 (the instruction set in use is AVX-512).
+fn gathers() -> bool {
+    isa::current() == isa::Isa::Avx512
 }
 
 impl<const M: usize, const N: usize, A: Algorithm<M, N>> SimdOp for InputTransform<'_, M, N, A> {
@@ -744,14 +790,39 @@ impl<const M: usize, const N: usize, A: Algorithm<M, N>> SimdOp for InputTransfo
         let mut pos = tiling.locate(t0);
         self.prefetch_next_channel(o, pos);
         let mut buf: Gathered<N> = [[[0.0; MAX_LANES]; N]; N];
+        // AVX-512 picks whole rows of 16 tiles out of vectors of the input rows.
+        let fast = o.len() == MAX_LANES && gathers();
         for g0 in (0..tiles).step_by(o.len()) {
             let len = o.len().min(tiles - g0);
-            let mut lane = 0;
-            while lane < len {
-                let count = (len - lane).min(tiling.left_in_row(pos));
-                gather_row::<M, N>(plane(pos.n), h, w, pos, count, lane, &mut buf);
-                lane += count;
-                pos = tiling.advance(pos, count);
+            if fast && len == MAX_LANES && tiling.left_in_row(pos) >= MAX_LANES {
+                let span = MAX_LANES * M + 2;
+                let mut padded = [0.0; MAX_LANES * 4 + 2];
+                for (r, brow) in buf.iter_mut().enumerate() {
+                    let y = (pos.y + r).wrapping_sub(1);
+                    let src: &[f32] = if y >= h {
+                        padded.fill(0.0);
+                        &padded[..span]
+                    } else {
+                        row_span(plane(pos.n), h, w, pos, y, span, &mut padded)
+                    };
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `fast` holds only when AVX-512 is the instruction set in use,
+                    // which `isa` picks only when the CPU has it.
+                    unsafe {
+                        avx512::deinterleave::<M, N>(src, brow)
+                    };
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let _ = (src, brow);
+                }
+                pos = tiling.advance(pos, MAX_LANES);
+            } else {
+                let mut lane = 0;
+                while lane < len {
+                    let count = (len - lane).min(tiling.left_in_row(pos));
+                    gather_row::<M, N>(plane(pos.n), h, w, pos, count, lane, &mut buf);
+                    lane += count;
+                    pos = tiling.advance(pos, count);
+                }
             }
             let v = transform_2d(
                 &load_gathered(o, &buf),
@@ -760,7 +831,9 @@ impl<const M: usize, const N: usize, A: Algorithm<M, N>> SimdOp for InputTransfo
             );
             for (i, row) in v.into_iter().enumerate() {
                 for (j, x) in row.into_iter().enumerate() {
-                    store(o, x, &mut self.dst[(i * N + j) * tiles + g0..], len);
+                    let at = ((i * N + j) * self.cin + self.ci) * tiles + g0;
+                    // SAFETY: channel `ci`'s elements, which only this transform writes.
+                    store(o, x, unsafe { self.dst.part(at, len) }, len);
                 }
             }
         }
@@ -786,6 +859,30 @@ impl<const M: usize, const N: usize, A> InputTransform<'_, M, N, A> {
     }
 }
 
+/// Input row `y < h` from one pixel left of `pos` on, `span` values, zeros outside the image:
+/// straight from `plane` when inside it, else copied into `padded` among zeros.
+#[inline(always)]
+fn row_span<'a>(
+    plane: &'a [f32],
+    h: usize,
+    w: usize,
+    pos: TilePos,
+    y: usize,
+    span: usize,
+    padded: &'a mut [f32; MAX_LANES * 4 + 2],
+) -> &'a [f32] {
+    debug_assert!(y < h);
+    if pos.x >= 1 && pos.x - 1 + span <= w {
+        &plane[y * w + pos.x - 1..][..span]
+    } else {
+        // At the left or right edge: the row's part among zeros.
+        padded.fill(0.0);
+        let (x0, x1) = (pos.x.saturating_sub(1), (pos.x + span - 1).min(w));
+        padded[x0 + 1 - pos.x..][..x1 - x0].copy_from_slice(&plane[y * w + x0..][..x1 - x0]);
+        &padded[..span]
+    }
+}
+
 /// The input patches of `count` tiles side by side from `pos` (`N×N` each, from one pixel up
 /// and left of the tile's first output pixel; zeros outside the image) into lanes `lane0..` of
 /// `buf`: each patch row is a stride-`M` slice of one input row.
@@ -806,14 +903,8 @@ fn gather_row<const M: usize, const N: usize>(
         let src: &[f32] = if y >= h {
             padded.fill(0.0);
             &padded[..span]
-        } else if pos.x >= 1 && pos.x - 1 + span <= w {
-            &plane[y * w + pos.x - 1..][..span]
         } else {
-            // At the left or right edge: the row's part among zeros.
-            padded.fill(0.0);
-            let (x0, x1) = (pos.x.saturating_sub(1), (pos.x + span - 1).min(w));
-            padded[x0 + 1 - pos.x..][..x1 - x0].copy_from_slice(&plane[y * w + x0..][..x1 - x0]);
-            &padded[..span]
+            row_span(plane, h, w, pos, y, span, &mut padded)
         };
         for (c, lanes) in brow.iter_mut().enumerate() {
             for (t, v) in lanes[lane0..lane0 + count].iter_mut().enumerate() {
@@ -840,14 +931,29 @@ impl<const M: usize, const N: usize, A: Algorithm<M, N>> SimdOp for WeightTransf
         let (o, alg, cin) = (isa.f32(), self.alg, self.cin);
         let kernels = &self.weight[self.co * cin * 9..][..cin * 9];
         let mut buf: Gathered<3> = [[[0.0; MAX_LANES]; 3]; 3];
+        let fast = o.len() == MAX_LANES && gathers();
+        let first = self.co * cin * 9;
         for c0 in (0..cin).step_by(o.len()) {
             let len = o.len().min(cin - c0);
-            for (lane, k) in kernels[c0 * 9..][..len * 9].chunks_exact(9).enumerate() {
-                for (row, krow) in buf.iter_mut().zip(k.chunks_exact(3)) {
-                    for (v, &kv) in row.iter_mut().zip(krow) {
-                        v[lane] = kv;
-                    }
-                }
+            // The weights arrive from memory: ask for the kernels four vectors ahead (the next
+            // output channel's past the end).
+            let ahead = first + (c0 + 4 * o.len()) * 9;
+            for x in self.weight[ahead.min(self.weight.len())..]
+                .iter()
+                .take(o.len() * 9)
+                .step_by(16)
+            {
+                o.prefetch(x);
+            }
+            if fast {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `fast` holds only when AVX-512 is the instruction set in use, which
+                // `isa` picks only when the CPU has it.
+                unsafe {
+                    avx512::gather_kernels(&kernels[c0 * 9..][..len * 9], &mut buf)
+                };
+            } else {
+                self.gather_kernels(kernels, c0, len, &mut buf);
             }
             let u = transform_2d(
                 &load_gathered(o, &buf),
@@ -857,6 +963,22 @@ impl<const M: usize, const N: usize, A: Algorithm<M, N>> SimdOp for WeightTransf
             for (i, row) in u.into_iter().enumerate() {
                 for (j, x) in row.into_iter().enumerate() {
                     store(o, x, &mut self.dst[(i * N + j) * cin + c0..], len);
+                }
+            }
+        }
+    }
+}
+
+impl<const M: usize, const N: usize, A> WeightTransform<'_, M, N, A> {
+    /// Kernels `c0..c0 + len` into lanes `0..len` of `buf`, one value at a time.
+    #[inline(always)]
+    fn gather_kernels(&self, kernels: &[f32], c0: usize, len: usize, buf: &mut Gathered<3>) {
+        {
+            for (lane, k) in kernels[c0 * 9..][..len * 9].chunks_exact(9).enumerate() {
+                for (row, krow) in buf.iter_mut().zip(k.chunks_exact(3)) {
+                    for (v, &kv) in row.iter_mut().zip(krow) {
+                        v[lane] = kv;
+                    }
                 }
             }
         }
@@ -889,6 +1011,8 @@ impl<const M: usize, const N: usize, A: Algorithm<M, N>> SimdOp
         let bias = o.splat(self.args.bias.map_or(0.0, |b| b[self.co]));
         let mut buf: Gathered<M> = [[[0.0; MAX_LANES]; M]; M];
         let mut pos = tiling.locate(t0);
+        // AVX-512 interleaves whole rows of 16 tiles into the output rows.
+        let fast = o.len() == MAX_LANES && gathers();
         for g0 in (0..tiles).step_by(o.len()) {
             let len = o.len().min(tiles - g0);
             let mut mm = [[o.zero(); N]; N];
@@ -907,6 +1031,11 @@ impl<const M: usize, const N: usize, A: Algorithm<M, N>> SimdOp
                     o.store(o.add(v, bias), b);
                 }
             }
+            if fast && len == MAX_LANES && tiling.left_in_row(pos) >= MAX_LANES {
+                self.write_row16(&buf, pos);
+                pos = tiling.advance(pos, MAX_LANES);
+                continue;
+            }
             let mut lane = 0;
             while lane < len {
                 let count = (len - lane).min(tiling.left_in_row(pos));
@@ -919,6 +1048,31 @@ impl<const M: usize, const N: usize, A: Algorithm<M, N>> SimdOp
 }
 
 impl<const M: usize, const N: usize, A> OutputTransform<'_, '_, M, N, A> {
+    /// [`Self::write_row`] of 16 tiles from `pos` in one row of tiles, with AVX-512.
+    #[inline(always)]
+    fn write_row16(&mut self, buf: &Gathered<M>, pos: TilePos) {
+        let Tiling { h, w, .. } = self.chunk.tiling;
+        let cout = self.args.shape.out_channels;
+        let plane = &mut *self.planes[pos.n - self.first_image];
+        let residual = self
+            .args
+            .residual
+            .map(|r| &r[(pos.n * cout + self.co) * h * w..][..h * w]);
+        let cols = (MAX_LANES * M).min(w - pos.x);
+        for (p, brow) in buf.iter().enumerate().take(h - pos.y) {
+            let at = (pos.y + p) * w + pos.x;
+            let dst = &mut plane[at - self.row0 * w..][..cols];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: only called when AVX-512 is the instruction set in use, which `isa`
+            // picks only when the CPU has it.
+            unsafe {
+                avx512::interleave::<M>(brow, dst, residual.map(|r| &r[at..][..cols]))
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (brow, dst);
+        }
+    }
+
     /// Lanes `lane0..lane0 + count` of `buf`, output tiles side by side from `pos`, plus the
     /// residual, into the output rows they cover (their part inside the image).
     #[inline(always)]
@@ -947,6 +1101,141 @@ impl<const M: usize, const N: usize, A> OutputTransform<'_, '_, M, N, A> {
                 for (d, r) in dst.iter_mut().zip(&r[at..][..cols]) {
                     *d += r;
                 }
+            }
+        }
+    }
+}
+
+/// Gathers with AVX-512: one instruction fills a vector from 16 places.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Gathered, MAX_LANES};
+
+    /// One row of the input patches of 16 tiles side by side, `src` (`16·M + 2` values, tile
+    /// `l`'s at `M·l..`), into `brow[c][l] = src[M·l + c]`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn deinterleave<const M: usize, const N: usize>(
+        src: &[f32],
+        brow: &mut [[f32; MAX_LANES]; N],
+    ) {
+        assert!(M * (MAX_LANES - 1) + N <= src.len() && N <= M + 2 && M <= 4);
+        // The vectors src[16k..16k + 16], zeros past the end (masked loads touch only
+        // elements inside `src`).
+        let mut v = [_mm512_setzero_ps(); 6];
+        for (k, v) in v.iter_mut().enumerate() {
+            let first = k * MAX_LANES;
+            if first >= src.len() {
+                break;
+            }
+            let n = (src.len() - first).min(MAX_LANES);
+            let mask = ((1u32 << n) - 1) as __mmask16;
+            // SAFETY: lanes `0..n` read `src[first..first + n]`, inside `src`; the others
+            // are masked off and touch no memory.
+            *v = unsafe { _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_add(first)) };
+        }
+        let iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        let lane_start = _mm512_mullo_epi32(iota, _mm512_set1_epi32(M as i32));
+        for (c, b) in brow.iter_mut().enumerate() {
+            // Lane `l` wants element `g = M·l + c`: from the pair of vectors `g / 32`, at
+            // `g % 32` within it.
+            let g = _mm512_add_epi32(lane_start, _mm512_set1_epi32(c as i32));
+            let idx = _mm512_and_si512(g, _mm512_set1_epi32(31));
+            let pair = _mm512_srli_epi32::<5>(g);
+            let mut out = _mm512_permutex2var_ps(v[0], idx, v[1]);
+            for p in 1..3 {
+                if 32 * p > M * (MAX_LANES - 1) + c {
+                    break;
+                }
+                let from = _mm512_cmpeq_epi32_mask(pair, _mm512_set1_epi32(p as i32));
+                let part = _mm512_permutex2var_ps(v[2 * p], idx, v[2 * p + 1]);
+                out = _mm512_mask_mov_ps(out, from, part);
+            }
+            // SAFETY: `b` holds 16 floats; unaligned store.
+            unsafe { _mm512_storeu_ps(b.as_mut_ptr(), out) };
+        }
+    }
+
+    /// The reverse of [`deinterleave`]: `dst[M·l + q] = brow[q][l]` (plus `residual`'s) for
+    /// the `dst.len() ≤ 16·M` values of one output row of 16 tiles side by side.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn interleave<const M: usize>(
+        brow: &[[f32; MAX_LANES]; M],
+        dst: &mut [f32],
+        residual: Option<&[f32]>,
+    ) {
+        assert!(M == 2 || M == 4);
+        assert!(dst.len() <= M * MAX_LANES && residual.is_none_or(|r| r.len() == dst.len()));
+        // SAFETY: each row holds 16 floats; unaligned loads.
+        let q: [__m512; M] = std::array::from_fn(|i| unsafe { _mm512_loadu_ps(brow[i].as_ptr()) });
+        let iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        for k in 0..M {
+            let first = k * MAX_LANES;
+            if first >= dst.len() {
+                break;
+            }
+            let n = (dst.len() - first).min(MAX_LANES);
+            let mask = ((1u32 << n) - 1) as __mmask16;
+            // Element `e = 16k + j` is tile `e / M`'s column `e % M`.
+            let e = _mm512_add_epi32(iota, _mm512_set1_epi32(first as i32));
+            let (tile, col) = if M == 4 {
+                (
+                    _mm512_srli_epi32::<2>(e),
+                    _mm512_and_si512(e, _mm512_set1_epi32(3)),
+                )
+            } else {
+                (
+                    _mm512_srli_epi32::<1>(e),
+                    _mm512_and_si512(e, _mm512_set1_epi32(1)),
+                )
+            };
+            let mut out = _mm512_permutexvar_ps(tile, q[0]);
+            for (c, q) in q.iter().enumerate().skip(1) {
+                let from = _mm512_cmpeq_epi32_mask(col, _mm512_set1_epi32(c as i32));
+                out = _mm512_mask_permutexvar_ps(out, from, tile, *q);
+            }
+            if let Some(r) = residual {
+                // SAFETY: lanes `0..n` read `r[first..first + n]`, inside `r`; the others are
+                // masked off.
+                let rv = unsafe { _mm512_maskz_loadu_ps(mask, r.as_ptr().wrapping_add(first)) };
+                out = _mm512_add_ps(out, rv);
+            }
+            // SAFETY: lanes `0..n` write `dst[first..first + n]`, inside `dst`; the others are
+            // masked off.
+            unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().wrapping_add(first), mask, out) };
+        }
+    }
+
+    /// The `len ≤ 16` 3×3 kernels in `kernels` (`9 · len` floats) into lanes `0..len` of
+    /// `buf`, zeros after.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gather_kernels(kernels: &[f32], buf: &mut Gathered<3>) {
+        let len = kernels.len() / 9;
+        assert!(len <= MAX_LANES);
+        let live: __mmask16 = ((1u32 << len) - 1) as __mmask16;
+        let nine = _mm512_mullo_epi32(
+            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+            _mm512_set1_epi32(9),
+        );
+        for (r, brow) in buf.iter_mut().enumerate() {
+            for (c, b) in brow.iter_mut().enumerate() {
+                let at = _mm512_add_epi32(nine, _mm512_set1_epi32((r * 3 + c) as i32));
+                // SAFETY: live lanes `l < len` load `kernels[9l + 3r + c]`, inside `kernels`.
+                let v = unsafe {
+                    _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), live, at, kernels.as_ptr())
+                };
+                // SAFETY: `b` holds 16 floats; unaligned store.
+                unsafe { _mm512_storeu_ps(b.as_mut_ptr(), v) };
             }
         }
     }

@@ -178,6 +178,12 @@ fn tall_and_wide_maps_match_the_reference() {
     check_against_reference(shape(2, 3, 5, 21, 150), true, true, 303);
     check_against_reference(shape(1, 4, 4, 40, 301), false, true, 304);
     check_against_reference(shape(3, 2, 2, 9, 66), true, false, 305);
+    // Rows of exactly 16 tiles (F(4×4) at 64 wide, F(2×2) at 32), rows of 16 tiles and a
+    // remainder, with both edges inside whole vectors of tiles.
+    check_against_reference(shape(2, 3, 5, 12, 64), true, true, 306);
+    check_against_reference(shape(1, 4, 3, 5, 32), true, true, 307);
+    check_against_reference(shape(1, 3, 2, 6, 130), false, true, 308);
+    check_against_reference(shape(2, 2, 3, 13, 63), true, true, 309);
 }
 
 #[test]
