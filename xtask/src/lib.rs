@@ -1,9 +1,11 @@
-//! `cargo xtask bench`: the backend × path × model × resolution × batch benchmark matrix.
+//! `cargo xtask bench`: the backend × path × model × resolution × batch benchmark matrix, and
+//! `cargo xtask bench --ops`: each CPU kernel alone at the SD 1.5 shapes (burn vs ip2p vs torch).
 //!
 //! The library half of the xtask binary, so the smoke test can run cells directly.
 
 pub mod backends;
 pub mod cell;
+pub mod ops;
 pub mod output;
 pub mod reference;
 

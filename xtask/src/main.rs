@@ -73,6 +73,19 @@ struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Op bench instead of the matrix: each CPU kernel alone at the SD 1.5 UNet's and VAE's
+    /// layer shapes, burn vs ip2p (vs torch with --reference); report target/bench/ops.md and
+    /// ops.json. Takes --resolution (default 256), --warmup (1), --repeats (5), --python, --out.
+    #[arg(long)]
+    ops: bool,
+    /// With --ops: only the rows whose 'model layer op shape' contains one of these (comma list,
+    /// case-insensitive), e.g. `attention`, `vae`, `level 0`, `3×3`.
+    #[arg(long = "ops-filter", value_delimiter = ',')]
+    ops_filter: Vec<String>,
+    /// With --ops: no burn column (it is the slow one), on every row or on the rows matching
+    /// these substrings (comma list).
+    #[arg(long = "ops-skip-burn", value_delimiter = ',', num_args = 0..=1, default_missing_value = "")]
+    ops_skip_burn: Option<Vec<String>>,
 }
 
 fn parse_resolution(s: &str) -> Result<(usize, usize)> {
@@ -98,6 +111,9 @@ fn main() -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
+    if args.ops {
+        return ops(args);
+    }
     let started = Instant::now();
     let mut models = Vec::new();
     for p in &args.presets {
@@ -213,5 +229,54 @@ fn bench(args: BenchArgs) -> Result<()> {
         "Reports: {}/{{report.md,report.json,report.csv,chart.svg}}",
         out.display()
     );
+    Ok(())
+}
+
+/// `--ops`: the op bench (xtask/src/ops.rs).
+fn ops(args: BenchArgs) -> Result<()> {
+    if !args.models.is_empty() || !args.presets.is_empty() {
+        bail!("--ops times single layers at the SD 1.5 shapes: it takes no --model or --preset");
+    }
+    let resolutions = if args.resolutions.is_empty() {
+        vec![(256, 256)]
+    } else {
+        args.resolutions
+            .iter()
+            .map(|r| parse_resolution(r))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let mut notes = Vec::new();
+    let python = match args.reference.as_deref() {
+        None => None,
+        Some("diffusers" | "torch") => {
+            match xtask::reference::find_python(args.python.as_deref()) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    notes.push(format!("torch column skipped: {e:#}"));
+                    None
+                }
+            }
+        }
+        Some(other) => bail!("unknown reference {other:?} (diffusers or torch: the torch column)"),
+    };
+    let plan = xtask::ops::OpsPlan {
+        resolutions,
+        warmup: args.warmup.unwrap_or(1),
+        repeats: args.repeats.unwrap_or(5).max(1),
+        filter: args.ops_filter.clone(),
+        skip_burn: args.ops_skip_burn.clone().unwrap_or_default(),
+        python,
+        quiet: args.quiet,
+        notes,
+    };
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| xtask::workspace_root().join("target").join("bench"));
+    let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
+    let report = xtask::ops::run(&plan, command, &out)?;
+    report.write(&out)?;
+    println!("{}", report.markdown());
+    println!("Reports: {}/{{ops.md,ops.json}}", out.display());
     Ok(())
 }

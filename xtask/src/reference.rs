@@ -101,7 +101,7 @@ pub fn share_weights(python: &Path, preset: Preset) -> Result<PathBuf> {
 }
 
 /// The last line of a Python process's stderr: the exception, for error messages.
-fn last_error_line(out: &std::process::Output) -> String {
+pub fn last_error_line(out: &std::process::Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr);
     err.lines().last().unwrap_or("").to_string()
 }
