@@ -99,7 +99,11 @@ pub fn geglu(x: &[f32], rows: usize, inner: usize, out: &mut [f32]) {
         .for_each(|(out, x)| {
             for (o, x) in out.chunks_mut(inner).zip(x.chunks(2 * inner)) {
                 let (hidden, gate) = x.split_at(inner);
-                isa::dispatch(GatedGelu { hidden, gate, out: o });
+                isa::dispatch(GatedGelu {
+                    hidden,
+                    gate,
+                    out: o,
+                });
             }
         });
 }

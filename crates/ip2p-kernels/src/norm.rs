@@ -72,7 +72,11 @@ impl SimdOp for ScaleShift<'_> {
     #[inline(always)]
     fn eval<I: Isa>(self, isa: I) {
         let ops = isa.f32();
-        let (m, s, b) = (ops.splat(self.mean), ops.splat(self.scale), ops.splat(self.bias));
+        let (m, s, b) = (
+            ops.splat(self.mean),
+            ops.splat(self.scale),
+            ops.splat(self.bias),
+        );
         // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and `simd_map` only writes
         // initialised values, so `dst` holds valid f32s afterwards.
         let dst = unsafe { &mut *(self.dst as *mut [f32] as *mut [MaybeUninit<f32>]) };

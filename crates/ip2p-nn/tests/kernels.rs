@@ -37,22 +37,24 @@ fn randomised<M: Module<B>>(m: M) -> M {
     m.map(&mut R)
 }
 
+/// (batch, cin, cout, h, w, kernel, stride, padding [t, l, b, r], bias, residual)
+type ConvCase = (
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    [usize; 4],
+    bool,
+    bool,
+);
+
 #[test]
 fn conv2d_matches_burn() {
     seed(1);
-    // (batch, cin, cout, h, w, kernel, stride, padding [t, l, b, r], bias, residual)
-    let cases: &[(
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        [usize; 4],
-        bool,
-        bool,
-    )] = &[
+    let cases: &[ConvCase] = &[
         (1, 3, 5, 1, 1, 3, 1, [1, 1, 1, 1], true, false),
         (3, 17, 9, 3, 3, 3, 1, [1, 1, 1, 1], true, true),
         (3, 8, 16, 13, 9, 3, 1, [1, 1, 1, 1], false, true),

@@ -37,10 +37,6 @@ fn sd15_vae_256() {
         let t1 = Instant::now();
         let decoded = vae.decode(latents.clone()).unwrap();
         assert_eq!(decoded.dims(), [1, 3, 256, 256]);
-        println!(
-            "{run}: encode {:.2?}, decode {:.2?}",
-            t1 - t0,
-            t1.elapsed()
-        );
+        println!("{run}: encode {:.2?}, decode {:.2?}", t1 - t0, t1.elapsed());
     }
 }
