@@ -80,6 +80,30 @@ const TILE_ELEMS: usize = 4 << 20;
 /// Below this many output positions per image the batch is folded into one GEMM.
 const FOLD_BELOW: usize = 512;
 
+/// Panics, naming `kernel`, when the shape is invalid or a slice's length disagrees with it.
+pub(crate) fn check_args(
+    kernel: &str,
+    shape: &Conv2dShape,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    out: &[f32],
+) {
+    if let Err(e) = shape.check() {
+        panic!("{e}");
+    }
+    assert_eq!(input.len(), shape.input_len(), "{kernel}: input length");
+    assert_eq!(weight.len(), shape.weight_len(), "{kernel}: weight length");
+    assert_eq!(out.len(), shape.output_len(), "{kernel}: output length");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), shape.out_channels, "{kernel}: bias length");
+    }
+    if let Some(r) = residual {
+        assert_eq!(r.len(), out.len(), "{kernel}: residual length");
+    }
+}
+
 /// `out = conv(input, weight) + bias + residual`.
 ///
 /// `input` `[n, cin, h, w]`, `weight` `[cout, cin, kh, kw]`, `bias` `[cout]`, `residual` and
@@ -95,18 +119,7 @@ pub fn conv2d(
     residual: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    if let Err(e) = shape.check() {
-        panic!("{e}");
-    }
-    assert_eq!(input.len(), shape.input_len(), "conv2d: input length");
-    assert_eq!(weight.len(), shape.weight_len(), "conv2d: weight length");
-    assert_eq!(out.len(), shape.output_len(), "conv2d: output length");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), shape.out_channels, "conv2d: bias length");
-    }
-    if let Some(r) = residual {
-        assert_eq!(r.len(), out.len(), "conv2d: residual length");
-    }
+    check_args("conv2d", shape, input, weight, bias, residual, out);
     if crate::winograd::suitable(shape) {
         return crate::winograd::conv3x3(shape, input, weight, bias, residual, out);
     }
@@ -126,18 +139,7 @@ pub fn conv2d_im2col(
     residual: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    if let Err(e) = shape.check() {
-        panic!("{e}");
-    }
-    assert_eq!(input.len(), shape.input_len(), "conv2d: input length");
-    assert_eq!(weight.len(), shape.weight_len(), "conv2d: weight length");
-    assert_eq!(out.len(), shape.output_len(), "conv2d: output length");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), shape.out_channels, "conv2d: bias length");
-    }
-    if let Some(r) = residual {
-        assert_eq!(r.len(), out.len(), "conv2d: residual length");
-    }
+    check_args("conv2d", shape, input, weight, bias, residual, out);
     let [oh, ow] = shape.out_hw();
     let positions = oh * ow;
     let k = shape.in_channels * shape.kernel[0] * shape.kernel[1];

@@ -107,31 +107,15 @@ pub fn conv3x3(
         handles(shape),
         "winograd::conv3x3: not a 3×3 stride-1 pad-1 conv: {shape:?}"
     );
-    assert_eq!(
-        input.len(),
-        shape.input_len(),
-        "winograd::conv3x3: input length"
+    crate::conv::check_args(
+        "winograd::conv3x3",
+        shape,
+        input,
+        weight,
+        bias,
+        residual,
+        out,
     );
-    assert_eq!(
-        weight.len(),
-        shape.weight_len(),
-        "winograd::conv3x3: weight length"
-    );
-    assert_eq!(
-        out.len(),
-        shape.output_len(),
-        "winograd::conv3x3: output length"
-    );
-    if let Some(b) = bias {
-        assert_eq!(
-            b.len(),
-            shape.out_channels,
-            "winograd::conv3x3: bias length"
-        );
-    }
-    if let Some(r) = residual {
-        assert_eq!(r.len(), out.len(), "winograd::conv3x3: residual length");
-    }
     if out.is_empty() {
         return;
     }
