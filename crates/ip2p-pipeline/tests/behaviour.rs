@@ -9,6 +9,12 @@ use ip2p_sched::SchedulerKind;
 
 type B = burn::backend::Flex;
 
+/// The same edit run with the batch split or repeated differently. Not bit-identical: the CPU
+/// kernels fold the batch into their GEMMs, so other batch sizes sum in other orders, and
+/// guidance (7.5×) amplifies that over the steps (measured 1.3e-5 after 2 steps). A wrong
+/// pairing or chunking is ≥ 1e-2.
+const REBATCHED: f64 = 1e-4;
+
 fn tiny(options: &LoadOptions) -> Ip2pModel<B> {
     Ip2pModel::load(
         fixtures_dir().join("models/tiny"),
@@ -73,7 +79,7 @@ fn chunked_batch_equals_whole_batch() {
         },
     )
     .unwrap();
-    assert_close("chunked vs whole", chunked.output, whole.output, 1e-6);
+    assert_close("chunked vs whole", chunked.output, whole.output, REBATCHED);
     // Two chunks of three steps each.
     let steps = chunked
         .report
@@ -164,7 +170,7 @@ fn images_per_prompt_keep_their_pairs() {
             &format!("repeat {d}"),
             rows(&double, d),
             rows(&single, s),
-            1e-6,
+            REBATCHED,
         );
     }
 }
