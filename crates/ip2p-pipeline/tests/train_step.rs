@@ -184,12 +184,16 @@ fn one_step_matches_diffusers() {
                 .transpose()
                 .reshape([vals.len()]);
         }
-        // A step of lr 1e-3 moves the weights by ~1e-3: 1e-5 relative to the weights.
+        // A step of lr 1e-3 moves the weights by ~1e-3. Adam's first step divides each
+        // gradient element by its own magnitude, so an element whose gradient is near zero
+        // moves by up to 2·lr on a summation-order difference; the frozen VAE and text encoder
+        // run on the CPU kernels, whose order differs from PyTorch's (measured 1.4e-5 of the
+        // weights, i.e. ~1 % of one step). 5e-5 is 5 % of a step: a wrong update rule is ≥ 1e-3.
         assert_close(
             &format!("after {key}"),
             params[&path].clone(),
             expected,
-            1e-5,
+            5e-5,
         );
     }
 }
@@ -365,12 +369,13 @@ fn accumulated_micro_batches_give_the_batch_gradient() {
         "time_embedding.linear_1.weight",
         "conv_out.bias",
     ] {
-        // Different summation order only: 1e-5.
+        // Different summation order only, also in the frozen VAE and text encoder, whose CPU
+        // kernels fold the batch into their GEMMs (one row vs the whole batch: measured 1.3e-5).
         assert_close(
             &format!("accumulated {key}"),
             b[key].clone(),
             a[key].clone(),
-            1e-5,
+            1e-4,
         );
     }
 }
