@@ -104,6 +104,7 @@ fn parse_resolution(s: &str) -> Result<(usize, usize)> {
 }
 
 fn main() -> Result<()> {
+    ip2p_pipeline::memory::keep_freed_memory();
     let cli = Cli::parse();
     match cli.task {
         Task::Bench(args) => bench(args),

@@ -28,6 +28,24 @@ pub trait MemoryProbe: Send + Sync {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoProbe;
 
+/// Keep freed activation memory in the process for the next tensor, instead of unmapping it.
+///
+/// glibc maps every allocation above its mmap threshold (adaptive, at most 32 MiB) afresh and
+/// unmaps it on free, so each large activation pays page faults and the kernel's zeroing on
+/// first touch: a GEMM into a fresh 126 MB output (the 512² GEGLU projection) ran at 123
+/// GFLOP/s against 175 with the memory kept (2-core EPYC). Binaries call this once at start.
+/// The process keeps up to its peak mapped after a run; the peak itself is unchanged. A no-op
+/// off Linux glibc.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only changes allocator parameters; called before any tensor exists
+    // and with valid parameter constants, it has no memory-safety preconditions.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 impl MemoryProbe for NoProbe {
     fn source(&self) -> &str {
         "none"
