@@ -893,18 +893,7 @@ struct TorchResult {
 
 /// Check that `python` imports torch; its version.
 pub fn check_torch(python: &Path) -> Result<String> {
-    let out = Command::new(python)
-        .args(["-c", "import torch; print(torch.__version__)"])
-        .output()
-        .with_context(|| format!("running {}", python.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} cannot import torch: {}",
-            python.display(),
-            crate::reference::last_error_line(&out)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    crate::reference::probe_python(python, "import torch; print(torch.__version__)", "torch")
 }
 
 /// Run the torch column: write the request to `request_path`, run the script on it, and attach

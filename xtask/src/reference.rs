@@ -108,16 +108,22 @@ pub fn last_error_line(out: &std::process::Output) -> String {
 
 /// Check that `python` imports torch and diffusers; their versions.
 pub fn check_python(python: &Path) -> Result<String> {
+    probe_python(
+        python,
+        "import torch, diffusers, transformers; print(f'torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads')",
+        "torch/diffusers/transformers",
+    )
+}
+
+/// Run `code` with `python` and return what it printed; an error naming `what` when it fails.
+pub fn probe_python(python: &Path, code: &str, what: &str) -> Result<String> {
     let out = Command::new(python)
-        .args([
-            "-c",
-            "import torch, diffusers, transformers; print(f'torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads')",
-        ])
+        .args(["-c", code])
         .output()
         .with_context(|| format!("running {}", python.display()))?;
     if !out.status.success() {
         bail!(
-            "{} cannot import torch/diffusers/transformers: {}",
+            "{} cannot import {what}: {}",
             python.display(),
             last_error_line(&out)
         );

@@ -783,12 +783,7 @@ impl<const M: usize, const N: usize, A: Algorithm<M, N>> SimdOp for InputTransfo
                 let mut padded = [0.0; MAX_LANES * 4 + 2];
                 for (r, brow) in buf.iter_mut().enumerate() {
                     let y = (pos.y + r).wrapping_sub(1);
-                    let src: &[f32] = if y >= h {
-                        padded.fill(0.0);
-                        &padded[..span]
-                    } else {
-                        row_span(plane(pos.n), h, w, pos, y, span, &mut padded)
-                    };
+                    let src = row_span(plane(pos.n), h, w, pos, y, span, &mut padded);
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `fast` holds only when AVX-512 is the instruction set in use,
                     // which `isa` picks only when the CPU has it.
@@ -843,7 +838,7 @@ impl<const M: usize, const N: usize, A> InputTransform<'_, M, N, A> {
     }
 }
 
-/// Input row `y < h` from one pixel left of `pos` on, `span` values, zeros outside the image:
+/// Input row `y` from one pixel left of `pos` on, `span` values, zeros outside the image:
 /// straight from `plane` when inside it, else copied into `padded` among zeros.
 #[inline(always)]
 fn row_span<'a>(
@@ -855,7 +850,11 @@ fn row_span<'a>(
     span: usize,
     padded: &'a mut [f32; MAX_LANES * 4 + 2],
 ) -> &'a [f32] {
-    debug_assert!(y < h);
+    if y >= h {
+        // Above or below the image (`y` wrapped from −1 or past the last row): zeros.
+        padded.fill(0.0);
+        return &padded[..span];
+    }
     if pos.x >= 1 && pos.x - 1 + span <= w {
         &plane[y * w + pos.x - 1..][..span]
     } else {
@@ -884,12 +883,7 @@ fn gather_row<const M: usize, const N: usize>(
     let mut padded = [0.0; MAX_LANES * 4 + 2];
     for (r, brow) in buf.iter_mut().enumerate() {
         let y = (pos.y + r).wrapping_sub(1);
-        let src: &[f32] = if y >= h {
-            padded.fill(0.0);
-            &padded[..span]
-        } else {
-            row_span(plane, h, w, pos, y, span, &mut padded)
-        };
+        let src = row_span(plane, h, w, pos, y, span, &mut padded);
         for (c, lanes) in brow.iter_mut().enumerate() {
             for (t, v) in lanes[lane0..lane0 + count].iter_mut().enumerate() {
                 *v = src[t * M + c];

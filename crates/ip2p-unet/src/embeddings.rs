@@ -4,8 +4,8 @@
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
-use ip2p_nn::Backend;
 
 /// Timesteps for one UNet call: one value for the whole batch, or one per sample. Euler
 /// schedulers give fractional timesteps, so they are floats.

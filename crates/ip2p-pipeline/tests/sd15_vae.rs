@@ -1,24 +1,17 @@
-//! The real SD 1.5 VAE (random weights) at a 256×256 image: a timing and profiling harness.
+//! The real SD 1.5 VAE (random weights, the preset's config) at a 256×256 image: a timing and
+//! profiling harness.
 
 use std::time::Instant;
 
 use burn::tensor::{Distribution, Tensor};
+use ip2p_pipeline::preset::SD15_VAE_CONFIG;
 use ip2p_vae::{AutoencoderKL, AutoencoderKLModule, VaeConfig, VaeMemory};
 
 type B = burn::backend::Flex;
 
-const SD15_VAE_CONFIG: &str = r#"{
-  "_class_name": "AutoencoderKL",
-  "block_out_channels": [128, 256, 512, 512],
-  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-  "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
-  "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215
-}"#;
-
 #[test]
 #[ignore = "heavy: the SD 1.5 VAE at 256×256 on the CPU; \
-            run with `cargo test -p ip2p-vae --test sd15 -- --ignored --nocapture`"]
+            run with `cargo test -p ip2p-pipeline --test sd15_vae -- --ignored --nocapture`"]
 fn sd15_vae_256() {
     let device = Default::default();
     let config: VaeConfig = serde_json::from_str(SD15_VAE_CONFIG).unwrap();
