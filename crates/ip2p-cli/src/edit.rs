@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use ip2p_nn::Backend;
 use ip2p_pipeline::{
-    EditOptions, Flow, Ip2pModel, LoadOptions, MemoryProbe, Prompts, RunSettings, StepInfo,
+    EditOptions, Flow, Ip2pModel, LoadOptions, MemoryProbe, Prompts, RngKind, RunSettings, StepInfo,
 };
 use ip2p_sched::SchedulerKind;
 use ip2p_vae::image_io::{ResizeRule, load_image, resize_for_vae, target_size};
@@ -23,6 +23,24 @@ pub enum Resize {
     Diffusers,
     /// The original InstructPix2Pix: long side 512, sides multiples of 64, centre crop.
     Original,
+}
+
+/// The generator `--seed` drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Rng {
+    /// torch's CPU generator: the image diffusers gives for generator=torch.Generator().manual_seed(SEED).
+    Torch,
+    /// ip2p's earlier generator (xoshiro256++), to reproduce images made before torch's was added.
+    Ip2p,
+}
+
+impl From<Rng> for RngKind {
+    fn from(rng: Rng) -> Self {
+        match rng {
+            Rng::Torch => RngKind::Torch,
+            Rng::Ip2p => RngKind::Ip2p,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -52,8 +70,13 @@ pub struct EditArgs {
     /// euler-ancestral (the model's own), euler, ddim, ddpm, dpm-solver++.
     #[arg(long)]
     pub scheduler: Option<String>,
+    /// Seeds the initial noise and every stochastic step's noise (see --rng).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Noise generator for --seed. torch: the same seed, model, scheduler and settings give
+    /// diffusers' image (float32). ip2p: the generator of earlier ip2p versions.
+    #[arg(long, value_enum, default_value_t = Rng::Torch)]
+    pub rng: Rng,
     /// Initial noise: safetensors with tensor `latents` [batch, 4, h/8, w/8], unit Gaussian.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
@@ -168,6 +191,7 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
             negative_prompt: args.negative_prompt.clone(),
             num_images_per_prompt: 1,
             seed: args.seed,
+            rng: args.rng.into(),
             cleanup_every: args.cleanup_every,
             memory_budget: args.memory_budget_mib.map(|m| m << 20),
         },

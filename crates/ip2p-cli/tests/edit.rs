@@ -240,3 +240,98 @@ fn user_errors_exit_non_zero_and_write_nothing() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not an InstructPix2Pix model"));
 }
+
+/// A safetensors fixture's f32 tensor and its `run` metadata (JSON).
+fn fixture(rel: &str, tensor: &str) -> (Vec<f32>, Vec<usize>, serde_json::Value) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(rel);
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let run = meta.metadata().as_ref().unwrap()["run"].clone();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = st.tensor(tensor).unwrap();
+    let values = view
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (
+        values,
+        view.shape().to_vec(),
+        serde_json::from_str(&run).unwrap(),
+    )
+}
+
+/// A [1, 3, h, w] tensor in [-1, 1] as an 8-bit image, rounded as ip2p and diffusers round.
+fn to_rgb(values: &[f32], shape: &[usize]) -> image::RgbImage {
+    let (h, w) = (shape[2], shape[3]);
+    image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let at = |c: usize| {
+            let v = values[(c * h + y as usize) * w + x as usize];
+            ((v * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8
+        };
+        image::Rgb([at(0), at(1), at(2)])
+    })
+}
+
+/// `ip2p edit --seed S` gives the image diffusers gives for
+/// `generator=torch.Generator().manual_seed(S)` (fixtures/rng/tiny_euler-ancestral_b1, made by
+/// tools/fixtures/fx_rng.py): the tiny model with its own scheduler (Euler ancestral), 10 steps,
+/// the default guidance. Tolerance: 1 of 255 per channel. The pipeline is within ~1e-5 of
+/// diffusers (ip2p-pipeline's tests/seeded.rs), so only values that close to a rounding boundary
+/// can round the other way.
+#[test]
+fn a_seed_gives_the_image_diffusers_gives() {
+    let dir = workdir("seed");
+    let rel = "rng/tiny_euler-ancestral_b1.safetensors";
+    let (pixels, shape, run) = fixture(rel, "pixels");
+    let input = dir.join("in.png");
+    to_rgb(&pixels, &shape).save(&input).unwrap();
+    let (expected, shape, _) = fixture(rel, "image");
+    let expected = to_rgb(&expected, &shape);
+    let seed = run["seed"].to_string();
+    let steps = run["steps"].to_string();
+    let prompt = run["prompts"][0].as_str().unwrap();
+
+    let edit = |rng: &str, name: &str| {
+        let out = dir.join(name);
+        let o = ip2p(&[
+            "--image",
+            s(&input),
+            "--prompt",
+            prompt,
+            "--seed",
+            &seed,
+            "--steps",
+            &steps,
+            "--rng",
+            rng,
+            "--output",
+            s(&out),
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        image::open(&out).unwrap().to_rgb8()
+    };
+    let worst = |img: &image::RgbImage| {
+        img.as_raw()
+            .iter()
+            .zip(expected.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap()
+    };
+    let torch = edit("torch", "torch.png");
+    assert!(
+        worst(&torch) <= 1,
+        "{} of 255 from diffusers",
+        worst(&torch)
+    );
+    // The earlier generator is still there, and its noise is not torch's.
+    assert!(worst(&edit("ip2p", "ip2p.png")) > 1);
+
+    let o = ip2p(&["--image", s(&input), "--prompt", "x", "--rng", "numpy"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--rng"));
+}

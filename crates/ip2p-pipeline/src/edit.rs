@@ -3,7 +3,7 @@
 use burn::tensor::cast::ToElement;
 use burn::tensor::{DType, Tensor};
 use ip2p_nn::Backend;
-use ip2p_sched::{NoiseRng, Scheduler};
+use ip2p_sched::{Generator, RngKind, Scheduler};
 use ip2p_text::PromptEncoder;
 use ip2p_unet::UNet2DConditionModel;
 use ip2p_vae::AutoencoderKL;
@@ -56,8 +56,11 @@ pub struct EditOptions {
     pub negative_prompt: Option<String>,
     /// Edits per (image, prompt) pair; each gets its own noise.
     pub num_images_per_prompt: usize,
-    /// Seeds the initial noise and the noise of stochastic scheduler steps.
+    /// Seeds the initial noise and the noise of stochastic scheduler steps (through `rng`).
     pub seed: u64,
+    /// Which generator `seed` drives: torch's by default, so a seed gives the image diffusers
+    /// gives for `generator=torch.Generator().manual_seed(seed)`.
+    pub rng: RngKind,
     /// Release cached device memory every this many steps (and always between stages).
     pub cleanup_every: Option<usize>,
     /// Activation memory budget in bytes: larger batches run in chunks sized by resolution.
@@ -73,6 +76,7 @@ impl Default for EditOptions {
             negative_prompt: None,
             num_images_per_prompt: 1,
             seed: 0,
+            rng: RngKind::default(),
             cleanup_every: None,
             memory_budget: None,
         }
@@ -145,7 +149,15 @@ pub struct EditOutput<B: Backend> {
 /// images `[b, 3, H, W]` in [-1, 1], or, with `input_is_latents`, the VAE's unscaled `mode()`
 /// latents `[b, 4, H/f, W/f]` (no VAE encode). `return_latents` skips the decode and returns the
 /// final latents. The `text_encoder` holds its tokenizer; it is needed unless prompts come as
-/// embeddings with their negative. `generator` draws the initial noise when none is given.
+/// embeddings with their negative.
+///
+/// `generator` is diffusers' `generator=`: it draws the initial noise (unless `init_latents`
+/// are given), then the scheduler draws each stochastic step's noise from it, in diffusers'
+/// order, so a torch generator gives diffusers' result for the same seed. A per-item generator
+/// ([`Generator::per_item`]) needs one generator per edit (`images × num_images_per_prompt`).
+/// The step noise is drawn from a copy per chunk (see [`Generator::for_chunk`]): memory-budget
+/// chunking does not change any edit's noise, and `generator` itself is left where the initial
+/// noise left it.
 #[allow(clippy::too_many_arguments)]
 pub fn run_diffusion_inference_batch<B: Backend>(
     unet: &UNet2DConditionModel<B>,
@@ -155,7 +167,7 @@ pub fn run_diffusion_inference_batch<B: Backend>(
     images_or_latents: Tensor<B, 4>,
     prompts_or_ids: Prompts<B>,
     device: &B::Device,
-    generator: &mut NoiseRng,
+    generator: &mut Generator,
     input_is_latents: bool,
     return_latents: bool,
     settings: RunSettings<'_, B>,
@@ -215,6 +227,7 @@ pub fn run_diffusion_inference_batch<B: Backend>(
     let negative_embeds = repeat_interleave(negative_embeds, per);
     let total = n * per;
     let [_, _, h, w] = image_latents.dims();
+    generator.check_batch(total)?;
 
     let noise = match init_latents {
         Some(x) => {
@@ -227,7 +240,7 @@ pub fn run_diffusion_inference_batch<B: Backend>(
             }
             x.cast(DType::F32)
         }
-        None => generator.normal::<B>([total, latent_channels, h, w], device),
+        None => generator.normal::<B>([total, latent_channels, h, w], device)?,
     };
 
     let guidance = options.guidance();
@@ -246,7 +259,7 @@ pub fn run_diffusion_inference_batch<B: Backend>(
         let take = |x: &Tensor<B, 4>| x.clone().narrow(0, start, len);
         let take3 = |x: &Tensor<B, 3>| x.clone().narrow(0, start, len);
         scheduler.set_timesteps(options.steps)?;
-        scheduler.set_noise_seed(options.seed.wrapping_add(1 + index as u64));
+        scheduler.set_generator(generator.for_chunk(index, start, len, total)?);
         let latents = denoise(
             unet,
             scheduler,

@@ -19,6 +19,7 @@ pub use edit::{
     run_diffusion_inference_batch,
 };
 pub use error::PipelineError;
+pub use ip2p_sched::{Generator, RngKind};
 pub use memory::{CountingAllocator, MemoryProbe, NoProbe, SampledPeak};
 pub use model::{Ip2pModel, LoadOptions};
 pub use report::{RunReport, Stage, StageRecord};

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{DType, Tensor};
 use ip2p_nn::Backend;
 use ip2p_nn::{AttentionImpl, default_float_dtype};
-use ip2p_sched::{NoiseRng, Scheduler, SchedulerConfig, SchedulerKind};
+use ip2p_sched::{Generator, Scheduler, SchedulerConfig, SchedulerKind};
 use ip2p_text::{ClipTextModel, ClipTokenizer, PromptEncoder};
 use ip2p_unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use ip2p_vae::{AutoencoderKL, VaeConfig};
@@ -137,7 +137,8 @@ impl<B: Backend> Ip2pModel<B> {
         Ok(ip2p_sched::build::<B>(&self.scheduler_config, kind)?)
     }
 
-    /// Edit a batch with this model's parts (see [`run_diffusion_inference_batch`]).
+    /// Edit a batch with this model's parts (see [`run_diffusion_inference_batch`]), the noise
+    /// drawn from `settings.options.rng` seeded with `settings.options.seed`.
     pub fn edit(
         &self,
         scheduler: &mut dyn Scheduler<B>,
@@ -145,9 +146,33 @@ impl<B: Backend> Ip2pModel<B> {
         prompts: Prompts<B>,
         input_is_latents: bool,
         return_latents: bool,
+        settings: RunSettings<'_, B>,
+    ) -> Result<EditOutput<B>, PipelineError> {
+        let mut generator = Generator::new(settings.options.rng, settings.options.seed);
+        self.edit_with_generator(
+            scheduler,
+            &mut generator,
+            images_or_latents,
+            prompts,
+            input_is_latents,
+            return_latents,
+            settings,
+        )
+    }
+
+    /// [`Self::edit`] with the caller's generator, e.g. [`Generator::per_item`] for one
+    /// generator per edit seeded from the item (diffusers' list of generators).
+    #[allow(clippy::too_many_arguments)]
+    pub fn edit_with_generator(
+        &self,
+        scheduler: &mut dyn Scheduler<B>,
+        generator: &mut Generator,
+        images_or_latents: Tensor<B, 4>,
+        prompts: Prompts<B>,
+        input_is_latents: bool,
+        return_latents: bool,
         mut settings: RunSettings<'_, B>,
     ) -> Result<EditOutput<B>, PipelineError> {
-        let mut generator = NoiseRng::new(settings.options.seed);
         if settings.activation_model.is_none() {
             settings.activation_model = Some(self.activation_model.clone());
         }
@@ -159,7 +184,7 @@ impl<B: Backend> Ip2pModel<B> {
             images_or_latents,
             prompts,
             &self.device,
-            &mut generator,
+            generator,
             input_is_latents,
             return_latents,
             settings,

@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 
 use crate::config::{BaseConfig, SchedulerConfig, SchedulerKind};
 use crate::schedule;
-use crate::{NoiseRng, PredictionType, SchedError, Scheduler, StepOutput};
+use crate::{Generator, PredictionType, SchedError, Scheduler, StepOutput};
 
 /// DDIM sampling (diffusers `DDIMScheduler`).
 #[derive(Debug, Clone)]
@@ -19,7 +19,7 @@ pub struct Ddim {
     alphas_cumprod: Vec<f64>,
     timesteps: Vec<f64>,
     num_inference_steps: Option<usize>,
-    rng: NoiseRng,
+    generator: Generator,
 }
 
 /// x_0 and epsilon from the model output, with the f32 scalars diffusers uses.
@@ -95,7 +95,7 @@ impl Ddim {
             alphas_cumprod,
             timesteps: Vec::new(),
             num_inference_steps: None,
-            rng: NoiseRng::default(),
+            generator: Generator::default(),
         })
     }
 
@@ -190,7 +190,7 @@ impl<B: Backend> Scheduler<B> for Ddim {
         let direction = eps.mul_scalar((1.0 - a_prev - std_dev * std_dev).sqrt());
         let mut prev_sample = x0.clone().mul_scalar(a_prev.sqrt()) + direction;
         if self.eta > 0.0 {
-            let noise = crate::step_noise(noise, &prev_sample, &mut self.rng)?;
+            let noise = crate::step_noise(noise, &prev_sample, &mut self.generator)?;
             prev_sample = prev_sample + noise.mul_scalar(std_dev);
         }
         Ok(StepOutput {
@@ -208,7 +208,7 @@ impl<B: Backend> Scheduler<B> for Ddim {
         alpha_add_noise(&self.alphas_cumprod, original, noise, t)
     }
 
-    fn set_noise_seed(&mut self, seed: u64) {
-        self.rng = NoiseRng::new(seed);
+    fn set_generator(&mut self, generator: Generator) {
+        self.generator = generator;
     }
 }

@@ -6,7 +6,7 @@ use burn::tensor::backend::Backend;
 use crate::config::{BaseConfig, SchedulerConfig, SchedulerKind, unsupported};
 use crate::ddim::{alpha_add_noise, x0_and_eps};
 use crate::schedule;
-use crate::{NoiseRng, SchedError, Scheduler, StepOutput};
+use crate::{Generator, SchedError, Scheduler, StepOutput};
 
 /// How the step's noise is scaled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +29,7 @@ pub struct Ddpm {
     timesteps: Vec<f64>,
     /// None: the full training schedule, stepping from t to t - 1 (diffusers before set_timesteps).
     num_inference_steps: Option<usize>,
-    rng: NoiseRng,
+    generator: Generator,
 }
 
 impl Ddpm {
@@ -66,7 +66,7 @@ impl Ddpm {
             alphas_cumprod,
             timesteps,
             num_inference_steps: None,
-            rng: NoiseRng::default(),
+            generator: Generator::default(),
         })
     }
 
@@ -156,7 +156,7 @@ impl<B: Backend> Scheduler<B> for Ddpm {
                 VarianceType::FixedSmallLog => (0.5 * variance.ln()).exp(),
                 VarianceType::FixedLarge => cur_beta.sqrt(),
             };
-            let noise = crate::step_noise(noise, &prev, &mut self.rng)?;
+            let noise = crate::step_noise(noise, &prev, &mut self.generator)?;
             prev = prev + noise.mul_scalar(std_dev);
         }
         Ok(StepOutput {
@@ -174,7 +174,7 @@ impl<B: Backend> Scheduler<B> for Ddpm {
         alpha_add_noise(&self.alphas_cumprod, original, noise, t)
     }
 
-    fn set_noise_seed(&mut self, seed: u64) {
-        self.rng = NoiseRng::new(seed);
+    fn set_generator(&mut self, generator: Generator) {
+        self.generator = generator;
     }
 }

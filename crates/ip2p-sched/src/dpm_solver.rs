@@ -347,5 +347,5 @@ impl<B: Backend> Scheduler<B> for DpmSolverMultistep<B> {
         ))
     }
 
-    fn set_noise_seed(&mut self, _seed: u64) {}
+    fn set_generator(&mut self, _generator: crate::Generator) {}
 }

@@ -46,4 +46,12 @@ pub enum SchedError {
     TimestepCount { count: usize, batch: usize },
     #[error("DDIM eta must be a finite number >= 0, got {0}")]
     BadEta(f64),
+    #[error("{generators} per-item generator(s) for a batch of {batch}: give one per item")]
+    GeneratorCount { generators: usize, batch: usize },
+    #[error("noise rows {start}..{end} fall outside a batch of {total}")]
+    GeneratorRows {
+        start: usize,
+        end: usize,
+        total: usize,
+    },
 }

@@ -169,5 +169,5 @@ impl<B: Backend> Scheduler<B> for Euler {
         sigma_add_noise(&self.timesteps, &self.sigmas, original, noise, t)
     }
 
-    fn set_noise_seed(&mut self, _seed: u64) {}
+    fn set_generator(&mut self, _generator: crate::Generator) {}
 }

@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 
 use crate::config::{BaseConfig, PredictionType, SchedulerConfig, SchedulerKind, TimestepSpacing};
 use crate::schedule::{self, f32r};
-use crate::{NoiseRng, SchedError, Scheduler, StepOutput};
+use crate::{Generator, SchedError, Scheduler, StepOutput};
 
 /// Euler ancestral sampling (diffusers `EulerAncestralDiscreteScheduler`).
 #[derive(Debug, Clone)]
@@ -19,7 +19,7 @@ pub struct EulerAncestral {
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
     step_index: Option<usize>,
-    rng: NoiseRng,
+    generator: Generator,
 }
 
 impl EulerAncestral {
@@ -34,7 +34,7 @@ impl EulerAncestral {
             timesteps: Vec::new(),
             sigmas: Vec::new(),
             step_index: None,
-            rng: NoiseRng::default(),
+            generator: Generator::default(),
         })
     }
 
@@ -162,7 +162,7 @@ impl<B: Backend> Scheduler<B> for EulerAncestral {
         let i = crate::resolve_index(&self.timesteps, self.step_index, t)?;
         let dtype = model_output.dtype();
         let (sample, model_output) = (crate::to_f32(sample), crate::to_f32(model_output));
-        let noise = crate::step_noise(noise, &model_output, &mut self.rng)?;
+        let noise = crate::step_noise(noise, &model_output, &mut self.generator)?;
 
         let (sigma, sigma_to) = (self.sigmas[i] as f32, self.sigmas[i + 1] as f32);
         let x0 = euler_x0(
@@ -195,7 +195,7 @@ impl<B: Backend> Scheduler<B> for EulerAncestral {
         sigma_add_noise(&self.timesteps, &self.sigmas, original, noise, t)
     }
 
-    fn set_noise_seed(&mut self, seed: u64) {
-        self.rng = NoiseRng::new(seed);
+    fn set_generator(&mut self, generator: Generator) {
+        self.generator = generator;
     }
 }

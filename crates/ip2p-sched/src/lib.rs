@@ -18,6 +18,7 @@
 //! }
 //! ```
 
+mod cephes;
 pub mod config;
 pub mod ddim;
 pub mod ddpm;
@@ -25,8 +26,11 @@ pub mod dpm_solver;
 pub mod error;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod generator;
+mod mt19937;
 pub mod noise;
 pub mod schedule;
+pub mod torch_generator;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
@@ -38,7 +42,9 @@ pub use dpm_solver::DpmSolverMultistep;
 pub use error::SchedError;
 pub use euler::Euler;
 pub use euler_ancestral::EulerAncestral;
+pub use generator::{Generator, RngKind};
 pub use noise::NoiseRng;
+pub use torch_generator::{NormalKernel, TorchGenerator};
 
 /// What one denoising step returns.
 #[derive(Debug, Clone)]
@@ -88,8 +94,8 @@ pub trait Scheduler<B: Backend>: Send {
     /// One step from `sample` at `t` to the previous timestep.
     ///
     /// `noise` is the standard normal noise of a stochastic step (Euler ancestral, DDPM, DDIM with
-    /// eta > 0), so a test can pass the exact noise diffusers drew; when `None` it comes from the
-    /// scheduler's seeded [`NoiseRng`]. Deterministic steps ignore it.
+    /// eta > 0), so a test can pass the exact noise diffusers drew; when `None` it is drawn from
+    /// the scheduler's [`Generator`] where diffusers' `step` draws it. Deterministic steps ignore it.
     fn step(
         &mut self,
         model_output: Tensor<B, 4>,
@@ -106,8 +112,15 @@ pub trait Scheduler<B: Backend>: Send {
         t: &[f64],
     ) -> Result<Tensor<B, 4>, SchedError>;
 
-    /// Reseed the generator used when `step` gets no noise.
-    fn set_noise_seed(&mut self, seed: u64);
+    /// The generator stochastic steps draw from when `step` gets no noise (torch's, seeded 0,
+    /// until set). The pipeline hands over its own after drawing the initial latents, so both
+    /// come from one generator in diffusers' order.
+    fn set_generator(&mut self, generator: Generator);
+
+    /// Draw step noise from `torch.Generator("cpu").manual_seed(seed)`.
+    fn set_noise_seed(&mut self, seed: u64) {
+        self.set_generator(Generator::torch(seed));
+    }
 }
 
 /// Build the scheduler the config names, or `kind` instead (the folder's keys, the new class's
@@ -162,14 +175,14 @@ pub(crate) fn check_same_shape<B: Backend>(
 pub(crate) fn step_noise<B: Backend>(
     noise: Option<Tensor<B, 4>>,
     like: &Tensor<B, 4>,
-    rng: &mut NoiseRng,
+    generator: &mut Generator,
 ) -> Result<Tensor<B, 4>, SchedError> {
     match noise {
         Some(n) => {
             check_same_shape("noise", &n, like)?;
             Ok(to_f32(n))
         }
-        None => Ok(rng.normal::<B>(like.dims(), &like.device())),
+        None => generator.normal::<B>(like.dims(), &like.device()),
     }
 }
 

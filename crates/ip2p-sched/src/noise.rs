@@ -1,8 +1,8 @@
-//! A small seeded normal generator for stochastic steps when the caller passes no noise.
+//! ip2p's earlier seeded normal generator (`--rng ip2p`), kept so old seeds reproduce old images.
 //!
 //! Host-side (xoshiro256++ seeded through splitmix64, Box–Muller for the normals), so a seed
-//! gives the same noise on every backend and device. It is not torch's generator: a run that
-//! must match diffusers passes diffusers' noise to `step` instead.
+//! gives the same noise on every backend and device. It is not torch's generator: for
+//! diffusers' noise from a seed use [`crate::TorchGenerator`] (the default [`crate::Generator`]).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};

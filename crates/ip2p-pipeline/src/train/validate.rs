@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use burn::tensor::{ElementConversion, Tensor};
 use ip2p_nn::Backend;
-use ip2p_sched::{Ddpm, NoiseRng, SchedulerConfig, SchedulerKind};
+use ip2p_sched::{Ddpm, Generator, SchedulerConfig, SchedulerKind};
 use ip2p_unet::UNet2DConditionModel;
 
 use super::TrainError;
@@ -123,7 +123,7 @@ pub fn validate<B: Backend>(
 
     // The pipeline, fed the stored ids; the empty prompt's embedding is the encoder's cache.
     let mut scheduler = ip2p_sched::build::<B>(&v.scheduler_config, v.scheduler)?;
-    let mut generator = NoiseRng::new(v.options.seed);
+    let mut generator = Generator::new(v.options.rng, v.options.seed);
     let out = run_diffusion_inference_batch(
         unet,
         Some(&frozen.vae),
