@@ -41,6 +41,8 @@ pub struct Plan {
     /// `(height, width)`; empty: each model's default.
     pub resolutions: Vec<(usize, usize)>,
     pub batches: Vec<usize>,
+    /// Compute dtypes of the UNet and text encoder (each loads the model once).
+    pub dtypes: Vec<crate::parity::Precision>,
     pub steps: Option<usize>,
     pub warmup: Option<usize>,
     pub repeats: Option<usize>,
@@ -89,21 +91,29 @@ impl Plan {
         } else {
             self.resolutions.clone()
         };
+        let dtypes = if self.dtypes.is_empty() {
+            vec![crate::parity::Precision::F32]
+        } else {
+            self.dtypes.clone()
+        };
         let mut out = Vec::new();
-        for &(height, width) in &resolutions {
-            for &batch in &self.batches {
-                for &path in &self.paths {
-                    out.push((
-                        path,
-                        CellShape {
-                            height,
-                            width,
-                            batch,
-                            steps: self.steps.unwrap_or(d.steps),
-                            warmup: self.warmup.unwrap_or(d.warmup),
-                            repeats: self.repeats.unwrap_or(d.repeats).max(1),
-                        },
-                    ));
+        for &dtype in &dtypes {
+            for &(height, width) in &resolutions {
+                for &batch in &self.batches {
+                    for &path in &self.paths {
+                        out.push((
+                            path,
+                            CellShape {
+                                dtype,
+                                height,
+                                width,
+                                batch,
+                                steps: self.steps.unwrap_or(d.steps),
+                                warmup: self.warmup.unwrap_or(d.warmup),
+                                repeats: self.repeats.unwrap_or(d.repeats).max(1),
+                            },
+                        ));
+                    }
                 }
             }
         }
@@ -145,63 +155,78 @@ pub fn run_backend<B: Backend>(
     let device_name = B::name(device);
     let mut results = Vec::new();
     for source in models {
-        let cells = plan.cells(source);
         let name = source.name();
-        pb.set_message(format!("{label}: building {name}"));
-        let mut model = match source.load::<B>(device) {
-            Ok(m) => m,
-            Err(e) => {
-                for (path, shape) in cells {
-                    pb.inc((shape.warmup + shape.repeats) as u64);
-                    results.push(CellResult::skipped(
-                        label,
-                        &name,
-                        path,
-                        shape,
-                        format!("model did not load: {e:#}"),
-                        "failed",
-                    ));
+        let all = plan.cells(source);
+        let mut dtypes: Vec<_> = all.iter().map(|(_, s)| s.dtype).collect();
+        dtypes.dedup();
+        for dtype in dtypes {
+            let cells: Vec<_> = all
+                .iter()
+                .copied()
+                .filter(|(_, s)| s.dtype == dtype)
+                .collect();
+            pb.set_message(format!("{label}: building {name} ({})", dtype.name()));
+            crate::cell::reset_rss_peak();
+            let mut model = match source.load::<B>(device, dtype) {
+                Ok(m) => m,
+                Err(e) => {
+                    for (path, shape) in cells {
+                        pb.inc((shape.warmup + shape.repeats) as u64);
+                        results.push(CellResult::skipped(
+                            label,
+                            &name,
+                            path,
+                            shape,
+                            format!("model did not load: {e:#}"),
+                            "failed",
+                        ));
+                    }
+                    continue;
                 }
-                continue;
+            };
+            let load = Some(model.load_times);
+            let load_rss = crate::cell::rss_peak();
+            for (path, shape) in cells {
+                pb.set_message(format!(
+                    "{label} {name} {} {} {}×{} b{} {} steps",
+                    shape.dtype.name(),
+                    path.name(),
+                    shape.height,
+                    shape.width,
+                    shape.batch,
+                    shape.steps
+                ));
+                let mut done = 0u64;
+                let outcome = catch_unwind(AssertUnwindSafe(|| {
+                    run_cell(&mut model, path, shape, probe, &mut || {
+                        done += 1;
+                        pb.inc(1);
+                    })
+                }));
+                let runs = (shape.warmup + shape.repeats) as u64;
+                pb.inc(runs.saturating_sub(done));
+                let mut result = CellResult::skipped(label, &name, path, shape, "", "ok");
+                result.device = device_name.clone();
+                result.load = load;
+                result.load_rss_peak_bytes = load_rss;
+                match outcome {
+                    Ok(Ok((first, timing, memory))) => {
+                        result.reason = None;
+                        result.first_run_s = Some(first);
+                        result.timing = Some(timing);
+                        result.memory = Some(memory);
+                    }
+                    Ok(Err(e)) => {
+                        result.status = "failed".into();
+                        result.reason = Some(format!("{e:#}"));
+                    }
+                    Err(panic) => {
+                        result.status = "failed".into();
+                        result.reason = Some(format!("panicked: {}", panic_text(&panic)));
+                    }
+                }
+                results.push(result);
             }
-        };
-        for (path, shape) in cells {
-            pb.set_message(format!(
-                "{label} {name} {} {}×{} b{} {} steps",
-                path.name(),
-                shape.height,
-                shape.width,
-                shape.batch,
-                shape.steps
-            ));
-            let mut done = 0u64;
-            let outcome = catch_unwind(AssertUnwindSafe(|| {
-                run_cell(&mut model, path, shape, probe, &mut || {
-                    done += 1;
-                    pb.inc(1);
-                })
-            }));
-            let runs = (shape.warmup + shape.repeats) as u64;
-            pb.inc(runs.saturating_sub(done));
-            let mut result = CellResult::skipped(label, &name, path, shape, "", "ok");
-            result.device = device_name.clone();
-            match outcome {
-                Ok(Ok((first, timing, memory))) => {
-                    result.reason = None;
-                    result.first_run_s = Some(first);
-                    result.timing = Some(timing);
-                    result.memory = Some(memory);
-                }
-                Ok(Err(e)) => {
-                    result.status = "failed".into();
-                    result.reason = Some(format!("{e:#}"));
-                }
-                Err(panic) => {
-                    result.status = "failed".into();
-                    result.reason = Some(format!("panicked: {}", panic_text(&panic)));
-                }
-            }
-            results.push(result);
         }
     }
     results
@@ -287,8 +312,12 @@ pub fn wgpu_adapter() -> Result<Adapter, String> {
         .clone()
 }
 
-/// Whether the machine has an NVIDIA driver (checked before initialising CUDA).
+/// Whether the machine has an NVIDIA driver (checked before initialising CUDA) and CUDA may use
+/// a device: an empty `CUDA_VISIBLE_DEVICES` hides them all, as CUDA itself reads it.
 pub fn cuda_present() -> bool {
+    if std::env::var_os("CUDA_VISIBLE_DEVICES").is_some_and(|v| v.is_empty()) {
+        return false;
+    }
     std::path::Path::new("/dev/nvidiactl").exists()
         || std::path::Path::new("/proc/driver/nvidia").exists()
 }
@@ -442,4 +471,124 @@ pub fn software_filter(
         adapter.describe()
     ));
     (plan.for_software_adapter(), run, skip)
+}
+
+/// Run the parity `plan` on `backend`; cases the build or machine cannot run come back skipped.
+pub fn parity(
+    backend: BackendKind,
+    plan: &crate::parity::ParityPlan,
+) -> Vec<crate::parity::ParityResult> {
+    use crate::parity::{self, AttentionArg, Outputs, Precision};
+    let label = backend.name();
+    let mut log = |r: &parity::ParityResult| {
+        eprintln!(
+            "{} {} {} {:?}: {} (latents {:?}, image {:?}, {:.1} s){}",
+            r.backend,
+            r.fixture,
+            r.dtype.name(),
+            r.attention,
+            r.status,
+            r.latents_rel_l2,
+            r.image_rel_l2,
+            r.seconds.unwrap_or(0.0),
+            r.reason
+                .as_deref()
+                .map(|w| format!(": {w}"))
+                .unwrap_or_default()
+        )
+    };
+    // The CPU backend's f32 outputs per fixture, computed once.
+    let mut cache: std::collections::HashMap<String, Option<Outputs>> = Default::default();
+    let mut cpu_reference = |name: &str| -> Option<Outputs> {
+        #[cfg(feature = "flex")]
+        {
+            cache
+                .entry(name.to_string())
+                .or_insert_with(|| {
+                    catch_unwind(|| {
+                        parity::run_fixture::<burn::backend::Flex>(
+                            &Default::default(),
+                            name,
+                            Precision::F32,
+                            AttentionArg::Fused,
+                        )
+                        .ok()
+                    })
+                    .ok()
+                    .flatten()
+                })
+                .as_ref()
+                .map(|o| Outputs {
+                    latents: o.latents.clone(),
+                    image: o.image.clone(),
+                })
+        }
+        #[cfg(not(feature = "flex"))]
+        {
+            let _ = (name, &mut cache);
+            None
+        }
+    };
+    match backend {
+        BackendKind::Cpu => {
+            #[cfg(feature = "flex")]
+            {
+                let no_reference = &mut |_: &str| None;
+                parity::run_backend::<burn::backend::Flex>(
+                    label,
+                    &Default::default(),
+                    plan,
+                    no_reference,
+                    &mut log,
+                )
+            }
+            #[cfg(not(feature = "flex"))]
+            {
+                parity::skip_all(label, plan, "built without feature flex")
+            }
+        }
+        BackendKind::Wgpu => {
+            #[cfg(feature = "wgpu")]
+            {
+                match wgpu_adapter() {
+                    Ok(a) => {
+                        eprintln!("WGPU adapter: {}", a.describe());
+                        let device = burn::backend::wgpu::WgpuDevice::default();
+                        parity::run_backend::<burn::backend::Wgpu>(
+                            label,
+                            &device,
+                            plan,
+                            &mut cpu_reference,
+                            &mut log,
+                        )
+                    }
+                    Err(e) => parity::skip_all(label, plan, &format!("no WGPU adapter: {e}")),
+                }
+            }
+            #[cfg(not(feature = "wgpu"))]
+            {
+                parity::skip_all(label, plan, "built without feature wgpu")
+            }
+        }
+        BackendKind::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                if !cuda_present() {
+                    return parity::skip_all(label, plan, "no CUDA device (no NVIDIA driver)");
+                }
+                let device = burn::backend::cuda::CudaDevice::default();
+                parity::run_backend::<burn::backend::Cuda>(
+                    label,
+                    &device,
+                    plan,
+                    &mut cpu_reference,
+                    &mut log,
+                )
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                parity::skip_all(label, plan, "built without feature cuda")
+            }
+        }
+    }
 }

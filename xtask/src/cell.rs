@@ -76,21 +76,24 @@ impl ModelSource {
         self.preset() == Some(Preset::Tiny)
     }
 
-    /// Build (random weights) or load the model.
-    pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Ip2pModel<B>> {
+    /// Build (random weights) or load the model, the UNet and text encoder in `dtype`.
+    pub fn load<B: Backend>(
+        &self,
+        device: &B::Device,
+        dtype: crate::parity::Precision,
+    ) -> Result<Ip2pModel<B>> {
+        let options = LoadOptions {
+            dtype: Some(dtype.dtype()),
+            ..LoadOptions::default()
+        };
         match self {
             ModelSource::Preset(p) => {
                 let tokenizer = ClipTokenizer::from_dir(tokenizer_dir(*p))
                     .with_context(|| format!("tokenizer of preset {}", p.name()))?;
-                Ok(Ip2pModel::random(
-                    *p,
-                    Some(tokenizer),
-                    device,
-                    &LoadOptions::default(),
-                )?)
+                Ok(Ip2pModel::random(*p, Some(tokenizer), device, &options)?)
             }
             ModelSource::Shared { dir: d, .. } | ModelSource::Dir(d) => {
-                Ok(Ip2pModel::load(d, device, &LoadOptions::default())
+                Ok(Ip2pModel::load(d, device, &options)
                     .with_context(|| format!("loading {}", d.display()))?)
             }
         }
@@ -109,6 +112,8 @@ pub fn tokenizer_dir(preset: Preset) -> PathBuf {
 /// Sizes and counts of a cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct CellShape {
+    /// Compute dtype of the UNet and text encoder (the VAE runs in f32).
+    pub dtype: crate::parity::Precision,
     pub height: usize,
     pub width: usize,
     pub batch: usize,
@@ -178,6 +183,11 @@ pub struct CellResult {
     pub saves: Option<Savings>,
     /// The diffusers run of the same cell, when `--reference diffusers` ran.
     pub reference: Option<crate::reference::RefCell>,
+    /// How long the model this cell ran on took to load, per part.
+    pub load: Option<ip2p_pipeline::LoadTimes>,
+    /// The process's peak resident set while that model loaded (Linux `VmHWM`, reset just
+    /// before): what loading costs a one-shot process.
+    pub load_rss_peak_bytes: Option<u64>,
 }
 
 /// What a latent path saves against full-cycle.
@@ -211,6 +221,8 @@ impl CellResult {
             memory: None,
             saves: None,
             reference: None,
+            load: None,
+            load_rss_peak_bytes: None,
         }
     }
 

@@ -11,6 +11,7 @@ use ip2p_pipeline::preset::Preset;
 use xtask::backends::{self, BackendKind, Plan};
 use xtask::cell::{self, ModelSource, PathKind};
 use xtask::output::{Host, Report};
+use xtask::parity::{AttentionArg, ParityPlan, Precision};
 
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator::new();
@@ -25,7 +26,32 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Benchmark backends × paths × models × resolutions × batches; report under target/bench/.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
+    /// Run the pipeline parity fixtures on a backend and dtype; report target/bench/parity.{md,json}.
+    /// Exits non-zero when a case is outside its tolerance (skipped cases do not fail).
+    Parity(ParityArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ParityArgs {
+    /// Backends to run (those this build or machine cannot run are reported as skipped).
+    #[arg(long = "backend", value_enum, value_delimiter = ',', default_values_t = [BackendKind::Cpu])]
+    backends: Vec<BackendKind>,
+    /// Compute dtypes of the UNet and text encoder.
+    #[arg(long = "dtype", value_enum, value_delimiter = ',', default_values_t = [Precision::F32])]
+    dtypes: Vec<Precision>,
+    /// Attention kernels.
+    #[arg(long = "attention", value_enum, value_delimiter = ',', default_values_t = [AttentionArg::Fused])]
+    attention: Vec<AttentionArg>,
+    /// Fixtures (fixtures/pipeline/<name>.safetensors). Default: all.
+    #[arg(long = "fixture", value_delimiter = ',')]
+    fixtures: Vec<String>,
+    /// Also compare f32 cases on GPU backends with the CPU backend.
+    #[arg(long)]
+    vs_cpu: bool,
+    /// Report folder (default: <workspace>/target/bench).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -49,6 +75,10 @@ struct BenchArgs {
     /// Batch sizes (images per edit call).
     #[arg(long = "batch", value_delimiter = ',', default_value = "1")]
     batches: Vec<usize>,
+    /// Compute dtypes of the UNet and text encoder (the VAE runs in f32, as in diffusers).
+    /// The diffusers reference runs the f32 cells only.
+    #[arg(long = "dtype", value_enum, value_delimiter = ',', default_values_t = [Precision::F32])]
+    dtypes: Vec<Precision>,
     /// Denoising steps. Default per model: sd15 1, tiny 4.
     #[arg(long)]
     steps: Option<usize>,
@@ -107,7 +137,8 @@ fn main() -> Result<()> {
     ip2p_pipeline::memory::keep_freed_memory();
     let cli = Cli::parse();
     match cli.task {
-        Task::Bench(args) => bench(args),
+        Task::Bench(args) => bench(*args),
+        Task::Parity(args) => parity(args),
     }
 }
 
@@ -183,6 +214,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         paths: args.paths.clone(),
         resolutions,
         batches: args.batches.clone(),
+        dtypes: args.dtypes.clone(),
         steps: args.steps,
         warmup: args.warmup,
         repeats: args.repeats,
@@ -279,5 +311,45 @@ fn ops(args: BenchArgs) -> Result<()> {
     report.write(&out)?;
     println!("{}", report.markdown());
     println!("Reports: {}/{{ops.md,ops.json}}", out.display());
+    Ok(())
+}
+
+/// `parity`: the pipeline fixtures on each backend asked for (xtask/src/parity.rs).
+fn parity(args: ParityArgs) -> Result<()> {
+    let fixtures = if args.fixtures.is_empty() {
+        xtask::parity::FIXTURES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        args.fixtures.clone()
+    };
+    let plan = ParityPlan {
+        fixtures,
+        dtypes: args.dtypes.clone(),
+        attention: args.attention.clone(),
+        vs_cpu: args.vs_cpu,
+    };
+    let mut rows = Vec::new();
+    for &backend in &args.backends {
+        rows.extend(backends::parity(backend, &plan));
+    }
+    let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
+    let md = xtask::parity::markdown(&command, &rows);
+    let out = args
+        .out
+        .unwrap_or_else(|| xtask::workspace_root().join("target").join("bench"));
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("parity.md"), &md)?;
+    std::fs::write(
+        out.join("parity.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "command": command, "cases": rows }))?,
+    )?;
+    println!("{md}");
+    println!("Reports: {}/{{parity.md,parity.json}}", out.display());
+    let failed = rows.iter().filter(|r| r.failed()).count();
+    if failed > 0 {
+        bail!("{failed} of {} parity cases failed", rows.len());
+    }
     Ok(())
 }

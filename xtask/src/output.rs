@@ -52,11 +52,22 @@ impl Host {
         if cfg!(feature = "cuda") {
             features.push("cuda");
         }
+        if cfg!(feature = "autotune") {
+            features.push("autotune");
+        }
         Self {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             os: std::env::consts::OS.to_string(),
             features,
         }
+    }
+}
+
+/// The backend, with the compute dtype when it is not f32.
+fn backend(c: &CellResult) -> String {
+    match c.shape.dtype {
+        crate::parity::Precision::F32 => c.backend.clone(),
+        d => format!("{} {}", c.backend, d.name()),
     }
 }
 
@@ -80,7 +91,7 @@ impl Report {
         let _ = writeln!(s, "## Time (s)\n");
         let _ = writeln!(
             s,
-            "| backend | model | path | size | batch | steps | runs | total | first run | text | VAE enc | denoise (/step) | VAE dec | saves vs full-cycle |"
+            "| backend | model | path | size | batch | steps | runs | total | first run | text | VAE enc | denoise (/step, it/s) | VAE dec | saves vs full-cycle |"
         );
         let _ = writeln!(
             s,
@@ -89,7 +100,7 @@ impl Report {
         for c in &self.cells {
             let head = format!(
                 "| {} | {} | {} | {} | {} | {} | {}+{} |",
-                c.backend,
+                backend(c),
                 c.model,
                 c.path.name(),
                 shape(c),
@@ -110,12 +121,13 @@ impl Report {
                     });
                     let _ = writeln!(
                         s,
-                        "{head} {:.3} | {} | {} | {} | {:.3} ({per:.3}) | {} | {saves} |",
+                        "{head} {:.3} | {} | {} | {} | {:.3} ({per:.3}, {:.2}) | {} | {saves} |",
                         t.total_s,
                         opt_s(c.first_run_s),
                         opt_s(t.text_s),
                         opt_s(t.vae_encode_s),
                         t.denoise_s,
+                        if per > 0.0 { 1.0 / per } else { 0.0 },
                         opt_s(t.vae_decode_s),
                     );
                 }
@@ -127,6 +139,37 @@ impl Report {
                         c.reason.as_deref().unwrap_or("").replace('|', "/")
                     );
                 }
+            }
+        }
+        let mut loads = Vec::new();
+        for c in self.cells.iter().filter(|c| c.ok()) {
+            let Some(l) = &c.load else { continue };
+            let key = (backend(c), c.model.clone());
+            if !loads.iter().any(|(k, _, _)| *k == key) {
+                loads.push((key, *l, c.load_rss_peak_bytes));
+            }
+        }
+        if !loads.is_empty() {
+            let _ = writeln!(s, "\n## Model load\n");
+            let _ = writeln!(
+                s,
+                "Seconds per part (random presets: building them), and the process's peak resident set while loading (the page cache not counted).\n"
+            );
+            let _ = writeln!(
+                s,
+                "| backend | model | total s | UNet s | VAE s | text encoder s | RSS peak while loading (MiB) |"
+            );
+            let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
+            for ((b, m), l, rss) in &loads {
+                let _ = writeln!(
+                    s,
+                    "| {b} | {m} | {:.2} | {:.2} | {} | {} | {} |",
+                    l.total_s,
+                    l.unet_s,
+                    opt_s(l.vae_s),
+                    opt_s(l.text_s),
+                    opt_mib(*rss)
+                );
             }
         }
         let _ = writeln!(s, "\n## Peak memory (MiB)\n");
@@ -154,7 +197,7 @@ impl Report {
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {saves} |",
-                c.backend,
+                backend(c),
                 c.model,
                 c.path.name(),
                 shape(c),
@@ -193,7 +236,7 @@ impl Report {
                 let _ = writeln!(
                     s,
                     "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                    c.backend,
+                    backend(c),
                     c.model,
                     c.path.name(),
                     shape(c),
@@ -227,7 +270,7 @@ impl Report {
 
     pub fn csv(&self) -> String {
         let mut s = String::from(
-            "backend,device,model,path,width,height,batch,steps,warmup,repeats,status,reason,total_s,first_run_s,text_s,vae_encode_s,denoise_s,step_s,vae_decode_s,memory_source,baseline_bytes,weights_bytes,peak_bytes,activation_peak_bytes,path_peak_bytes,text_peak_bytes,vae_encode_peak_bytes,denoise_peak_bytes,vae_decode_peak_bytes,rss_peak_bytes,saves_time_s,saves_time_pct,saves_peak_bytes,saves_peak_pct,ref_total_s,ref_peak_rss_bytes,ref_time_ratio,ref_rss_ratio\n",
+            "backend,dtype,device,model,path,width,height,batch,steps,warmup,repeats,status,reason,total_s,first_run_s,text_s,vae_encode_s,denoise_s,step_s,vae_decode_s,memory_source,baseline_bytes,weights_bytes,peak_bytes,activation_peak_bytes,path_peak_bytes,text_peak_bytes,vae_encode_peak_bytes,denoise_peak_bytes,vae_decode_peak_bytes,rss_peak_bytes,saves_time_s,saves_time_pct,saves_peak_bytes,saves_peak_pct,ref_total_s,ref_peak_rss_bytes,ref_time_ratio,ref_rss_ratio\n",
         );
         let f = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x:.6}"));
         let u = |v: Option<u64>| v.map_or(String::new(), |x| x.to_string());
@@ -238,6 +281,7 @@ impl Report {
             let r = c.reference.as_ref();
             let row = [
                 c.backend.clone(),
+                c.shape.dtype.name().into(),
                 q(&c.device),
                 q(&c.model),
                 c.path.name().into(),
@@ -334,7 +378,7 @@ impl Report {
             let y = top + i as f64 * row;
             let label = format!(
                 "{} {} {} {} b{}",
-                c.backend,
+                backend(c),
                 c.model,
                 c.path.name(),
                 shape(c),

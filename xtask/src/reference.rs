@@ -141,7 +141,12 @@ pub fn run(
 ) -> Result<()> {
     let script = crate::workspace_root().join("tools/bench/diffusers_bench.py");
     let mut groups: Vec<(String, crate::cell::CellShape)> = Vec::new();
-    for c in cells.iter().filter(|c| c.ok() && c.backend == "cpu") {
+    // diffusers runs f32 on the CPU: only those cells have a counterpart.
+    let f32 = crate::parity::Precision::F32;
+    for c in cells
+        .iter()
+        .filter(|c| c.ok() && c.backend == "cpu" && c.shape.dtype == f32)
+    {
         let key = (c.model.clone(), c.shape);
         if !groups.contains(&key) {
             groups.push(key);

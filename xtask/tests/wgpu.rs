@@ -12,58 +12,8 @@
 
 mod common;
 
-use burn::tensor::Tensor;
-use ip2p_nn::Backend;
-use ip2p_nn::testing::{Fixture, assert_close, assert_fixture, fixtures_dir};
-use ip2p_pipeline::{EditOptions, Ip2pModel, LoadOptions, Prompts, RunSettings};
-use ip2p_sched::SchedulerKind;
 use xtask::backends::{BackendKind, wgpu_adapter};
-
-type Gpu = burn::backend::Wgpu;
-type Cpu = burn::backend::Flex;
-
-/// Full cycle of `fixtures/pipeline/{model}_euler`: final latents and decoded images.
-fn full_cycle<B: Backend>(model: &str) -> (Fixture, Tensor<B, 4>, Tensor<B, 4>) {
-    let device = B::Device::default();
-    let m = Ip2pModel::<B>::load(
-        fixtures_dir().join("models").join(model),
-        &device,
-        &LoadOptions::default(),
-    )
-    .unwrap();
-    let fx = Fixture::open(format!("pipeline/{model}_euler.safetensors"));
-    let run: serde_json::Value = fx.meta_json("run");
-    let prompts: Vec<String> = serde_json::from_value(run["prompts"].clone()).unwrap();
-    let options = EditOptions {
-        steps: run["steps"].as_u64().unwrap() as usize,
-        guidance_scale: run["guidance_scale"].as_f64().unwrap(),
-        image_guidance_scale: run["image_guidance_scale"].as_f64().unwrap(),
-        ..EditOptions::default()
-    };
-    let mut sched = m.scheduler(Some(SchedulerKind::Euler)).unwrap();
-    let latents = m
-        .edit(
-            sched.as_mut(),
-            fx.tensor("pixels", &device),
-            Prompts::Text(prompts),
-            false,
-            true,
-            RunSettings {
-                options,
-                init_latents: Some(fx.tensor("noise", &device)),
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .output;
-    let images = m
-        .vae
-        .as_ref()
-        .unwrap()
-        .decode_scaled(latents.clone())
-        .unwrap();
-    (fx, latents, images)
-}
+use xtask::parity::{AttentionArg, ParityPlan, Precision};
 
 /// Whether an adapter initialised (else the test prints why and passes).
 fn have_adapter() -> bool {
@@ -96,19 +46,22 @@ fn tiny_one_step_each_path_on_wgpu() {
     }
 }
 
+/// `fixtures/pipeline/{model}_euler` through `cargo xtask parity`'s code: latents and images
+/// against diffusers (1e-3) and against the CPU backend (1e-4).
 fn matches_diffusers_and_cpu(model: &str) {
     if !have_adapter() {
         return;
     }
-    let (fx, latents, images) = full_cycle::<Gpu>(model);
-    assert_fixture(&fx, "latents", latents.clone(), 1e-3);
-    assert_fixture(&fx, "image", images.clone(), 1e-3);
-
-    let (_, cpu_latents, cpu_images) = full_cycle::<Cpu>(model);
-    let on_cpu =
-        |t: Tensor<Gpu, 4>| Tensor::<Cpu, 4>::from_data(t.into_data(), &Default::default());
-    assert_close("wgpu vs cpu latents", on_cpu(latents), cpu_latents, 1e-4);
-    assert_close("wgpu vs cpu images", on_cpu(images), cpu_images, 1e-4);
+    let plan = ParityPlan {
+        fixtures: vec![format!("{model}_euler")],
+        dtypes: vec![Precision::F32],
+        attention: vec![AttentionArg::Fused],
+        vs_cpu: true,
+    };
+    for row in xtask::backends::parity(BackendKind::Wgpu, &plan) {
+        assert_eq!(row.status, "ok", "{row:?}");
+        assert!(row.vs_cpu_latents_rel_l2.is_some(), "{row:?}");
+    }
 }
 
 #[test]

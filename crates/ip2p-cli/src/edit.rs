@@ -239,7 +239,15 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
         }
     }
     if args.memory_report {
-        println!("model load: {load_seconds:.2} s\n\n{}", out.report.table());
+        let t = &model.load_times;
+        let part = |s: Option<f64>| s.map_or("not loaded".to_string(), |s| format!("{s:.2} s"));
+        println!(
+            "model load: {load_seconds:.2} s (UNet {:.2} s, VAE {}, text encoder {})\n\n{}",
+            t.unet_s,
+            part(t.vae_s),
+            part(t.text_s),
+            out.report.table()
+        );
     }
     Ok(())
 }

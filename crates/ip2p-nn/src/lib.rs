@@ -8,6 +8,7 @@ pub mod backend;
 pub mod cast;
 pub mod config;
 pub mod error;
+pub mod loader;
 pub mod norm;
 pub mod resnet;
 pub mod sampling;
@@ -23,4 +24,6 @@ pub use config::{PerBlock, read_config};
 pub use error::LoadError;
 pub use resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 pub use sampling::{Downsample2D, Downsample2DConfig, Upsample2D, Upsample2DConfig};
-pub use weights::{WeightSpec, default_float_dtype, load_safetensors, weights_file};
+pub use weights::{
+    WeightSpec, default_float_dtype, load_safetensors, load_safetensors_burn_store, weights_file,
+};

@@ -8,9 +8,13 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
-/// `fixtures/` at the workspace root, where tools/fixtures/make_fixtures.py writes.
+/// `fixtures/` at the workspace root, where tools/fixtures/make_fixtures.py writes;
+/// `$IP2P_WORKSPACE/fixtures` when that is set (a binary carried to another machine).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+    match std::env::var_os("IP2P_WORKSPACE") {
+        Some(root) => PathBuf::from(root).join("fixtures"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"),
+    }
 }
 
 /// One safetensors file of reference inputs and outputs.

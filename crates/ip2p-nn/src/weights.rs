@@ -47,7 +47,18 @@ impl WeightSpec {
         self
     }
 
-    fn ignored(&self) -> Result<Vec<regex::Regex>, String> {
+    pub(crate) fn remaps(&self) -> Result<Vec<(regex::Regex, String)>, String> {
+        self.remap
+            .iter()
+            .map(|(from, to)| {
+                regex::Regex::new(from)
+                    .map(|r| (r, to.clone()))
+                    .map_err(|e| format!("bad remap pattern `{from}`: {e}"))
+            })
+            .collect()
+    }
+
+    pub(crate) fn ignored(&self) -> Result<Vec<regex::Regex>, String> {
         self.ignore
             .iter()
             .map(|p| regex::Regex::new(p).map_err(|e| format!("bad ignore pattern `{p}`: {e}")))
@@ -61,16 +72,10 @@ pub fn default_float_dtype<B: Backend>() -> DType {
     <B::FloatElem as Element>::dtype()
 }
 
-/// Load a safetensors file into `module`, casting every float tensor to `dtype`.
-///
-/// F32, F16, BF16 and F64 files load into a model of any float dtype. The file is
-/// memory-mapped; tensors are read one at a time straight into the module, so the
-/// weights are never held twice.
-///
-/// Errors: the file is missing or unreadable, not safetensors, truncated, holds a tensor of
-/// an unsupported dtype, lacks a tensor the module needs, holds one the module has no place
-/// for, or holds one of the wrong shape.
-pub fn load_safetensors<B: Backend, M: Module<B>>(
+/// [`load_safetensors`] through burn-store's `SafetensorsStore` and `PyTorchToBurnAdapter`: the
+/// loader ip2p used before [`crate::loader`], kept as the reference its tests compare with
+/// (same tensors, bit for bit). It copies each tensor two or three times on the way.
+pub fn load_safetensors_burn_store<B: Backend, M: Module<B>>(
     mut module: M,
     path: impl AsRef<Path>,
     spec: &WeightSpec,
@@ -141,6 +146,25 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
         });
     }
     Ok(module)
+}
+
+/// Load a safetensors file into `module`, casting every float tensor to `dtype`.
+///
+/// F32, F16, BF16 and F64 files load into a model of any float dtype. The file is
+/// memory-mapped and each tensor is copied once, straight into its final buffer (converted
+/// and, for a Linear weight, transposed on the way), several at a time; no parameter is
+/// initialised first. See [`crate::loader`].
+///
+/// Errors: the file is missing or unreadable, not safetensors, truncated, holds a tensor of
+/// an unsupported dtype, lacks a tensor the module needs, holds one the module has no place
+/// for, or holds one of the wrong shape.
+pub fn load_safetensors<B: Backend, M: Module<B>>(
+    module: M,
+    path: impl AsRef<Path>,
+    spec: &WeightSpec,
+    dtype: DType,
+) -> Result<M, LoadError> {
+    crate::loader::load(module, path.as_ref(), spec, dtype)
 }
 
 /// Validate the header, the data length and every dtype before burn-store touches the file,

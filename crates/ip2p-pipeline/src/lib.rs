@@ -21,5 +21,5 @@ pub use edit::{
 pub use error::PipelineError;
 pub use ip2p_sched::{Generator, RngKind};
 pub use memory::{CountingAllocator, MemoryProbe, NoProbe, SampledPeak};
-pub use model::{Ip2pModel, LoadOptions};
+pub use model::{Ip2pModel, LoadOptions, LoadTimes};
 pub use report::{RunReport, Stage, StageRecord};

@@ -1,6 +1,7 @@
 //! A diffusers InstructPix2Pix folder, loaded onto a device.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use burn::tensor::{DType, Tensor};
 use ip2p_nn::Backend;
@@ -41,6 +42,18 @@ impl Default for LoadOptions {
     }
 }
 
+/// Seconds each part took to load (or to build, for random weights).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct LoadTimes {
+    pub unet_s: f64,
+    /// `None`: not loaded.
+    pub vae_s: Option<f64>,
+    /// Tokenizer and text encoder.
+    pub text_s: Option<f64>,
+    /// The whole call, configs included.
+    pub total_s: f64,
+}
+
 /// The parts of an InstructPix2Pix model.
 pub struct Ip2pModel<B: Backend> {
     pub dir: PathBuf,
@@ -51,6 +64,7 @@ pub struct Ip2pModel<B: Backend> {
     /// For resolution-aware batch sizing.
     pub activation_model: ActivationModel,
     pub device: B::Device,
+    pub load_times: LoadTimes,
 }
 
 #[derive(serde::Deserialize)]
@@ -68,6 +82,7 @@ impl<B: Backend> Ip2pModel<B> {
         device: &B::Device,
         options: &LoadOptions,
     ) -> Result<Self, PipelineError> {
+        let started = Instant::now();
         let dir = dir.as_ref().to_path_buf();
         let index: ModelIndex = ip2p_nn::read_config(dir.join("model_index.json"))?;
         let not_ip2p = |reason: String| PipelineError::NotInstructPix2Pix {
@@ -93,9 +108,12 @@ impl<B: Backend> Ip2pModel<B> {
 
         let dtype = options.dtype.unwrap_or_else(default_float_dtype::<B>);
         let variant = options.variant.as_deref();
+        let t = Instant::now();
         let unet = UNet2DConditionModel::load(dir.join("unet"), variant, dtype, device)?
             .with_attention_impl(options.attention);
+        let unet_s = t.elapsed().as_secs_f64();
         let vae_config = VaeConfig::load(dir.join("vae").join("config.json"))?;
+        let t = Instant::now();
         let vae = if options.vae {
             Some(AutoencoderKL::load(
                 dir.join("vae"),
@@ -106,6 +124,8 @@ impl<B: Backend> Ip2pModel<B> {
         } else {
             None
         };
+        let vae_s = vae.as_ref().map(|_| t.elapsed().as_secs_f64());
+        let t = Instant::now();
         let text = if options.text_encoder {
             let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
             let encoder = ClipTextModel::load_as(dir.join("text_encoder"), variant, dtype, device)?
@@ -114,6 +134,7 @@ impl<B: Backend> Ip2pModel<B> {
         } else {
             None
         };
+        let text_s = text.as_ref().map(|_| t.elapsed().as_secs_f64());
         let scheduler_config =
             SchedulerConfig::from_file(dir.join("scheduler").join("scheduler_config.json"))?;
         let activation_model =
@@ -126,6 +147,12 @@ impl<B: Backend> Ip2pModel<B> {
             scheduler_config,
             activation_model,
             device: device.clone(),
+            load_times: LoadTimes {
+                unet_s,
+                vae_s,
+                text_s,
+                total_s: started.elapsed().as_secs_f64(),
+            },
         })
     }
 

@@ -21,6 +21,8 @@ use ip2p_text::{ClipTextConfig, ClipTokenizer, PromptEncoder};
 use ip2p_unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use ip2p_vae::{AutoencoderKL, AutoencoderKLModule, VaeConfig, VaeMemory};
 
+use crate::model::LoadTimes;
+
 use crate::batching::ActivationModel;
 use crate::error::PipelineError;
 use crate::model::{Ip2pModel, LoadOptions};
@@ -158,9 +160,11 @@ impl<B: Backend> Ip2pModel<B> {
         device: &B::Device,
         options: &LoadOptions,
     ) -> Result<Self, PipelineError> {
+        let started = std::time::Instant::now();
         let dtype = options.dtype.unwrap_or_else(default_float_dtype::<B>);
         let unet_config = preset.unet_config()?;
         let plan = unet_config.resolve()?;
+        let t = std::time::Instant::now();
         let unet =
             UNet2DConditionModel::from_plan(&plan, device).with_attention_impl(options.attention);
         let unet = if dtype == default_float_dtype::<B>() {
@@ -169,12 +173,19 @@ impl<B: Backend> Ip2pModel<B> {
             unet.map(&mut CastParams(dtype))
         };
         unet.visit(&mut Materialize);
+        let unet_s = t.elapsed().as_secs_f64();
         let vae_config = preset.vae_config()?;
+        let t = std::time::Instant::now();
         let vae = options.vae.then(|| AutoencoderKL {
             model: AutoencoderKLModule::new(&vae_config, device),
             config: vae_config.clone(),
             memory: VaeMemory::default(),
         });
+        if let Some(vae) = &vae {
+            vae.model.visit(&mut Materialize);
+        }
+        let vae_s = vae.as_ref().map(|_| t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
         let text = if options.text_encoder {
             let tokenizer = tokenizer.ok_or(PipelineError::MissingPart("tokenizer"))?;
             let encoder = preset
@@ -191,9 +202,7 @@ impl<B: Backend> Ip2pModel<B> {
         } else {
             None
         };
-        if let Some(vae) = &vae {
-            vae.model.visit(&mut Materialize);
-        }
+        let text_s = text.as_ref().map(|_| t.elapsed().as_secs_f64());
         let activation_model =
             ActivationModel::from_configs(&plan, &vae_config, options.vae, dtype);
         Ok(Self {
@@ -204,6 +213,12 @@ impl<B: Backend> Ip2pModel<B> {
             scheduler_config: preset.scheduler_config()?,
             activation_model,
             device: device.clone(),
+            load_times: LoadTimes {
+                unet_s,
+                vae_s,
+                text_s,
+                total_s: started.elapsed().as_secs_f64(),
+            },
         })
     }
 }

@@ -5,6 +5,7 @@ use ip2p_pipeline::MemoryProbe;
 use ip2p_pipeline::preset::Preset;
 use xtask::backends::{BackendKind, Plan, run};
 use xtask::cell::{CellResult, ModelSource, PathKind, compute_savings};
+use xtask::parity::Precision;
 
 /// The tiny preset, 32×32, one step on each path, no warm-up.
 pub fn plan() -> Plan {
@@ -13,6 +14,7 @@ pub fn plan() -> Plan {
         paths: PathKind::ALL.to_vec(),
         resolutions: vec![(32, 32)],
         batches: vec![1],
+        dtypes: vec![Precision::F32],
         steps: Some(1),
         warmup: Some(0),
         repeats: Some(1),
