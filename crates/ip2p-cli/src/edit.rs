@@ -1,7 +1,6 @@
 //! `ip2p edit`: edit images with instructions using a diffusers InstructPix2Pix folder.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::{DType, Tensor, TensorData};
@@ -9,11 +8,12 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use ip2p_nn::Backend;
 use ip2p_pipeline::{
-    EditOptions, Flow, Ip2pModel, LoadOptions, MemoryProbe, Prompts, RngKind, RunSettings, StepInfo,
+    EditOptions, Flow, LoadOptions, MemoryProbe, Prompts, RngKind, RunSettings, StepInfo,
+    edit_one_shot,
 };
 use ip2p_sched::SchedulerKind;
 use ip2p_vae::image_io::{ResizeRule, load_image, resize_for_vae, target_size};
-use ip2p_vae::{images_to_tensor, tensor_to_images};
+use ip2p_vae::{VaeConfig, images_to_tensor, tensor_to_images};
 
 use crate::backend::{BackendKind, DTypeArg};
 
@@ -141,15 +141,15 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
     let options = LoadOptions {
         dtype: Some(args.dtype.dtype()),
         variant: args.variant.clone(),
-        vae: decode || !latents_in,
-        text_encoder: true,
         ..LoadOptions::default()
     };
-    let start = Instant::now();
-    let model = Ip2pModel::<B>::load(&args.model, &device, &options)
+    // One-shot: each part is loaded for its stage and dropped after it (ip2p_pipeline::one_shot),
+    // so only the configs are read before the images.
+    ip2p_pipeline::model::check_folder(&args.model)
         .with_context(|| format!("loading {}", args.model.display()))?;
-    let load_seconds = start.elapsed().as_secs_f64();
-    let factor = model.activation_model.vae_factor as u32;
+    let vae_config = VaeConfig::load(args.model.join("vae").join("config.json"))
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let factor = vae_config.downscale_factor() as u32;
 
     let input = if let Some(path) = &args.image_latents {
         read_latents::<B>(path, &device)?
@@ -166,7 +166,6 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
         .as_deref()
         .map(SchedulerKind::from_name)
         .transpose()?;
-    let mut scheduler = model.scheduler(kind)?;
 
     let bar = if args.quiet {
         ProgressBar::hidden()
@@ -200,14 +199,18 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
         callback: Some(&mut on_step),
         activation_model: None,
     };
-    let out = model.edit(
-        scheduler.as_mut(),
+    let out = edit_one_shot(
+        &args.model,
+        &device,
+        &options,
+        kind,
         input,
         Prompts::Text(args.prompts.clone()),
         latents_in,
         !decode,
         settings,
-    )?;
+    )
+    .with_context(|| format!("editing with {}", args.model.display()))?;
     bar.finish_and_clear();
 
     // Everything is computed before anything is written: a failure leaves no half output.
@@ -239,10 +242,11 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
         }
     }
     if args.memory_report {
-        let t = &model.load_times;
+        let t = &out.load_times;
         let part = |s: Option<f64>| s.map_or("not loaded".to_string(), |s| format!("{s:.2} s"));
         println!(
-            "model load: {load_seconds:.2} s (UNet {:.2} s, VAE {}, text encoder {})\n\n{}",
+            "model load: {:.2} s (UNet {:.2} s, VAE {}, text encoder {}; each part loaded for its stage)\n\n{}",
+            t.unet_s + t.vae_s.unwrap_or(0.0) + t.text_s.unwrap_or(0.0),
             t.unet_s,
             part(t.vae_s),
             part(t.text_s),

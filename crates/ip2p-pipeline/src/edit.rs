@@ -294,7 +294,7 @@ pub fn run_diffusion_inference_batch<B: Backend>(
     })
 }
 
-fn check_batch<B: Backend>(
+pub(crate) fn check_batch<B: Backend>(
     n: usize,
     prompts: &Prompts<B>,
     options: &EditOptions,
@@ -330,7 +330,7 @@ fn check_batch<B: Backend>(
 }
 
 /// Prompt and negative embeddings, `[n, tokens, hidden]` each.
-fn encode_prompts<B: Backend, S>(
+pub(crate) fn encode_prompts<B: Backend, S>(
     tracker: &mut Tracker<'_>,
     text: Option<&PromptEncoder<B>>,
     prompts: Prompts<B>,
@@ -497,7 +497,7 @@ fn repeat_interleave<B: Backend, const D: usize>(x: Tensor<B, D>, k: usize) -> T
 }
 
 /// `x`, or the stage's NonFinite error if any value is NaN or infinite.
-fn finite<B: Backend, const D: usize>(
+pub(crate) fn finite<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     stage: Stage,
 ) -> Result<Tensor<B, D>, PipelineError> {

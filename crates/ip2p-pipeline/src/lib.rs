@@ -2,13 +2,15 @@
 //!
 //! [`run_diffusion_inference_batch`] is the one denoising loop: images or image latents in,
 //! images or latents out, prompts as text, token ids or embeddings, with per-stage time and
-//! memory ([`RunReport`]). [`Ip2pModel`] loads a diffusers folder and calls it.
+//! memory ([`RunReport`]). [`Ip2pModel`] loads a diffusers folder and calls it; [`edit_one_shot`]
+//! edits once from a folder, holding only the part each stage needs.
 
 pub mod batching;
 pub mod edit;
 pub mod error;
 pub mod memory;
 pub mod model;
+pub mod one_shot;
 pub mod preset;
 pub mod report;
 pub mod train;
@@ -22,4 +24,5 @@ pub use error::PipelineError;
 pub use ip2p_sched::{Generator, RngKind};
 pub use memory::{CountingAllocator, MemoryProbe, NoProbe, SampledPeak};
 pub use model::{Ip2pModel, LoadOptions, LoadTimes};
+pub use one_shot::{OneShotOutput, edit_one_shot};
 pub use report::{RunReport, Stage, StageRecord};

@@ -54,6 +54,67 @@ pub struct LoadTimes {
     pub total_s: f64,
 }
 
+/// Read a folder's `model_index.json` and UNet config, and refuse what is not an
+/// InstructPix2Pix model (a 4-channel SD UNet, another pipeline class) before any weights are
+/// read. Returns the UNet's resolved config.
+pub fn check_folder(dir: &Path) -> Result<ip2p_unet::UnetPlan, PipelineError> {
+    let index: ModelIndex = ip2p_nn::read_config(dir.join("model_index.json"))?;
+    let not_ip2p = |reason: String| PipelineError::NotInstructPix2Pix {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let unet_config = UNet2DConditionConfig::from_file(dir.join("unet").join("config.json"))?;
+    let plan = unet_config.resolve()?;
+    if plan.in_channels != 2 * plan.out_channels {
+        return Err(not_ip2p(format!(
+            "its UNet takes {} input channels for {} latent channels (InstructPix2Pix: noise + image latents = 8)",
+            plan.in_channels, plan.out_channels
+        )));
+    }
+    if let Some(class) = &index.class_name
+        && !class.contains("Pix2Pix")
+        && !class.starts_with("StableDiffusion")
+    {
+        return Err(not_ip2p(format!(
+            "model_index.json names the pipeline {class}"
+        )));
+    }
+
+    Ok(plan)
+}
+
+/// A folder's VAE, in f32 (diffusers' advice: its decoder overflows f16).
+pub(crate) fn load_vae<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    options: &LoadOptions,
+) -> Result<AutoencoderKL<B>, PipelineError> {
+    Ok(AutoencoderKL::load(
+        dir.join("vae"),
+        device,
+        DType::F32,
+        options.variant.as_deref(),
+    )?)
+}
+
+/// A folder's tokenizer and text encoder, in `options.dtype`.
+pub(crate) fn load_text<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    options: &LoadOptions,
+) -> Result<PromptEncoder<B>, PipelineError> {
+    let dtype = options.dtype.unwrap_or_else(default_float_dtype::<B>);
+    let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
+    let encoder = ClipTextModel::load_as(
+        dir.join("text_encoder"),
+        options.variant.as_deref(),
+        dtype,
+        device,
+    )?
+    .with_attention_impl(options.attention);
+    Ok(PromptEncoder::new(tokenizer, encoder, device)?)
+}
+
 /// The parts of an InstructPix2Pix model.
 pub struct Ip2pModel<B: Backend> {
     pub dir: PathBuf,
@@ -84,27 +145,7 @@ impl<B: Backend> Ip2pModel<B> {
     ) -> Result<Self, PipelineError> {
         let started = Instant::now();
         let dir = dir.as_ref().to_path_buf();
-        let index: ModelIndex = ip2p_nn::read_config(dir.join("model_index.json"))?;
-        let not_ip2p = |reason: String| PipelineError::NotInstructPix2Pix {
-            path: dir.clone(),
-            reason,
-        };
-        let unet_config = UNet2DConditionConfig::from_file(dir.join("unet").join("config.json"))?;
-        let plan = unet_config.resolve()?;
-        if plan.in_channels != 2 * plan.out_channels {
-            return Err(not_ip2p(format!(
-                "its UNet takes {} input channels for {} latent channels (InstructPix2Pix: noise + image latents = 8)",
-                plan.in_channels, plan.out_channels
-            )));
-        }
-        if let Some(class) = &index.class_name
-            && !class.contains("Pix2Pix")
-            && !class.starts_with("StableDiffusion")
-        {
-            return Err(not_ip2p(format!(
-                "model_index.json names the pipeline {class}"
-            )));
-        }
+        let plan = check_folder(&dir)?;
 
         let dtype = options.dtype.unwrap_or_else(default_float_dtype::<B>);
         let variant = options.variant.as_deref();
@@ -115,22 +156,14 @@ impl<B: Backend> Ip2pModel<B> {
         let vae_config = VaeConfig::load(dir.join("vae").join("config.json"))?;
         let t = Instant::now();
         let vae = if options.vae {
-            Some(AutoencoderKL::load(
-                dir.join("vae"),
-                device,
-                DType::F32,
-                variant,
-            )?)
+            Some(load_vae(&dir, device, options)?)
         } else {
             None
         };
         let vae_s = vae.as_ref().map(|_| t.elapsed().as_secs_f64());
         let t = Instant::now();
         let text = if options.text_encoder {
-            let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
-            let encoder = ClipTextModel::load_as(dir.join("text_encoder"), variant, dtype, device)?
-                .with_attention_impl(options.attention);
-            Some(PromptEncoder::new(tokenizer, encoder, device)?)
+            Some(load_text(&dir, device, options)?)
         } else {
             None
         };
