@@ -1,14 +1,15 @@
-//! The safetensors loader behind [`crate::load_safetensors`]: one copy per tensor.
+//! The safetensors loader behind [`crate::load_safetensors`]: no copy, or one.
 //!
 //! burn-store's path reads a tensor into a buffer, transposes Linear weights into another,
 //! and converts dtypes into a third; on the SD 1.5 UNet that was 4–7 s of page faults and
 //! copies for 3.4 GB, and a process peak well above the weights. Here a module is walked twice
 //! with Burn's visitor and mapper (same order): the first pass lists every float parameter
 //! (path, shape, the layer it belongs to) and checks the file against it; the second gives
-//! each parameter a buffer read from the file (`pread`, not the map: see [`read`]), converted to the
-//! model's dtype and, for a Linear weight (`[out, in]` in PyTorch, `[in, out]` in Burn),
-//! transposed in the same pass. Buffers are read a chunk of parameters at a time, in
-//! parallel, so a GPU backend holds at most one chunk on the host before uploading it.
+//! each parameter its values. A tensor stored as the model wants it is a view of the
+//! memory-mapped file (no copy); one that needs a cast, or a Linear weight (`[out, in]` in
+//! PyTorch, `[in, out]` in Burn), is read once and converted and transposed into its final
+//! buffer ([`read`]). Those are made a chunk at a time, in parallel, so a GPU backend holds
+//! at most one chunk on the host before uploading it.
 //!
 //! Naming follows burn-store's `PyTorchToBurnAdapter`, which the models were written against:
 //! a parameter's path is its module path (enum variants included), a norm's `gamma`/`beta`
@@ -20,7 +21,7 @@ use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+use burn::tensor::{AllocationProperty, Bool, Bytes, DType, Int, Tensor, TensorData};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
@@ -89,6 +90,8 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
 struct Fill<'a, B: Backend> {
     slots: &'a [Slot],
     file: &'a File,
+    /// The whole file, mapped: tensors that need no conversion are views of it.
+    shared: &'a bytes::Bytes,
     dtype: DType,
     next: usize,
     ready: VecDeque<TensorData>,
@@ -108,7 +111,7 @@ impl<B: Backend> Fill<'_, B> {
         }
         let chunk: Vec<TensorData> = self.slots[self.next..end]
             .par_iter()
-            .map(|slot| read(self.file, slot, self.dtype))
+            .map(|slot| read(self.file, self.shared, slot, self.dtype))
             .collect::<Result<_, _>>()?;
         self.ready.extend(chunk);
         Ok(())
@@ -168,14 +171,24 @@ impl<B: Backend> ModuleMapper<B> for Fill<'_, B> {
     }
 }
 
-/// One tensor's values in `dtype`, transposed if the slot says so. Read with `pread`, not
-/// through the map, so the process's resident set never holds the file's pages: a tensor
-/// that needs no conversion is read straight into its final buffer (the only copy), others
-/// through a buffer of their own size.
-fn read(file: &File, slot: &Slot, dtype: DType) -> Result<TensorData, String> {
+/// One tensor's values in `dtype`, transposed if the slot says so.
+///
+/// A tensor that needs no conversion (same dtype, not a Linear weight, aligned) is a view of
+/// the memory-mapped file: no copy and no fresh memory, as diffusers' `from_pretrained` does
+/// with safetensors. Burn's shared bytes copy it on first write (training), and the map lives
+/// as long as the last such tensor. Others are read with `pread` into a buffer of their own
+/// size and converted (and transposed) into their final buffer: the map's pages are then not
+/// touched, so they never count in the process's resident set.
+fn read(
+    file: &File,
+    shared: &bytes::Bytes,
+    slot: &Slot,
+    dtype: DType,
+) -> Result<TensorData, String> {
     let io = |e: std::io::Error| format!("{}: reading {} bytes: {e}", slot.key, slot.len);
     let as_is = !slot.transpose
         && cfg!(target_endian = "little")
+        && slot.offset.is_multiple_of(dtype.size() as u64)
         && matches!(
             (dtype, slot.file_dtype),
             (DType::F32, Dtype::F32)
@@ -183,11 +196,17 @@ fn read(file: &File, slot: &Slot, dtype: DType) -> Result<TensorData, String> {
                 | (DType::BF16, Dtype::BF16)
                 | (DType::F64, Dtype::F64)
         );
+    if as_is {
+        let start = slot.offset as usize;
+        let view = shared.slice(start..start + slot.len);
+        return Ok(TensorData::from_bytes(
+            Bytes::from_shared(view, AllocationProperty::File),
+            slot.shape.clone(),
+            dtype,
+        ));
+    }
     let mut bytes = vec![0u8; slot.len];
     read_at(file, &mut bytes, slot.offset).map_err(io)?;
-    if as_is {
-        return Ok(TensorData::from_bytes_vec(bytes, slot.shape.clone(), dtype));
-    }
     convert(&bytes, slot, dtype)
 }
 
@@ -321,8 +340,9 @@ pub(crate) fn load<B: Backend, M: Module<B>>(
         source,
     };
     let file = File::open(path).map_err(io)?;
-    // SAFETY: read-only map of a file we do not modify; the tensors are copied out of it
-    // before it is unmapped at the end of this function.
+    // SAFETY: a read-only map of a file we do not modify. Tensors that are views of it keep it
+    // mapped (`read`); a file truncated by another process meanwhile would fault, as with any
+    // memory-mapped weights (diffusers' safetensors loading included).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
     let st = SafeTensors::deserialize(&map).map_err(|e| LoadError::Corrupt {
         path: path.to_path_buf(),
@@ -431,9 +451,14 @@ pub(crate) fn load<B: Backend, M: Module<B>>(
         });
     }
 
+    // The map now becomes shared bytes that the zero-copy tensors keep alive.
+    drop(by_key);
+    drop(st);
+    let shared = bytes::Bytes::from_owner(map);
     let mut fill = Fill::<B> {
         slots: &slots,
         file: &file,
+        shared: &shared,
         dtype,
         next: 0,
         ready: VecDeque::new(),

@@ -151,9 +151,9 @@ pub fn load_safetensors_burn_store<B: Backend, M: Module<B>>(
 /// Load a safetensors file into `module`, casting every float tensor to `dtype`.
 ///
 /// F32, F16, BF16 and F64 files load into a model of any float dtype. The file is
-/// memory-mapped and each tensor is copied once, straight into its final buffer (converted
-/// and, for a Linear weight, transposed on the way), several at a time; no parameter is
-/// initialised first. See [`crate::loader`].
+/// memory-mapped: a tensor stored as the model wants it is a view of the map, others are
+/// copied once into their final buffer (converted and, for a Linear weight, transposed on the
+/// way), several at a time; no parameter is initialised first. See [`crate::loader`].
 ///
 /// Errors: the file is missing or unreadable, not safetensors, truncated, holds a tensor of
 /// an unsupported dtype, lacks a tensor the module needs, holds one the module has no place
