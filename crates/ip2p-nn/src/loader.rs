@@ -301,7 +301,7 @@ fn convert(src: &[u8], slot: &Slot, dtype: DType) -> Result<TensorData, String> 
 
 /// The `n` values of `src` (elements of `width` bytes) decoded, in file order or, transposed,
 /// as the `[rows, cols]` transpose of the file's `[cols, rows]`.
-fn values<T>(
+fn values<T: Clone>(
     src: &[u8],
     width: usize,
     n: usize,
@@ -313,11 +313,27 @@ fn values<T>(
     if !transpose {
         return src.chunks_exact(width).map(decode).collect();
     }
-    let mut out = Vec::with_capacity(n);
-    for r in 0..rows {
-        for c in 0..cols {
-            let j = (c * rows + r) * width;
-            out.push(decode(&src[j..j + width]));
+    // Square tiles, so both the file's rows and the result's rows are read and written a cache
+    // line at a time rather than one element per line.
+    const TILE: usize = 32;
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut out = vec![decode(&src[..width]); n];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                let row = &mut out[r * cols..(r + 1) * cols];
+                for (c, v) in row
+                    .iter_mut()
+                    .enumerate()
+                    .take((c0 + TILE).min(cols))
+                    .skip(c0)
+                {
+                    let j = (c * rows + r) * width;
+                    *v = decode(&src[j..j + width]);
+                }
+            }
         }
     }
     out
