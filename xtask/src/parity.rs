@@ -25,6 +25,8 @@ use ip2p_pipeline::{EditOptions, Ip2pModel, LoadOptions, Prompts, RunSettings};
 use ip2p_sched::SchedulerKind;
 use serde::Serialize;
 
+use crate::backends::panic_text;
+
 /// The pipeline fixtures, `<model>_<scheduler>`.
 pub const FIXTURES: [&str; 5] = [
     "tiny_euler",
@@ -349,13 +351,6 @@ pub fn skip_all(backend: &str, plan: &ParityPlan, reason: &str) -> Vec<ParityRes
             r
         })
         .collect()
-}
-
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn sci(v: Option<f64>) -> String {
