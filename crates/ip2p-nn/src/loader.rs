@@ -245,58 +245,72 @@ fn convert(src: &[u8], slot: &Slot, dtype: DType) -> Result<TensorData, String> 
         (true, &[i, o]) => (i, o),
         _ => (1, n),
     };
-    let transpose = slot.transpose;
-    let convert = |decode: &(dyn Fn(&[u8]) -> f32 + Sync)| -> Vec<f32> {
-        values(src, width, n, transpose, rows, cols, decode)
-    };
-    let decode: &(dyn Fn(&[u8]) -> f32 + Sync) = match slot.file_dtype {
-        Dtype::F32 => &|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        Dtype::F16 => &|b| f16::from_le_bytes([b[0], b[1]]).to_f32(),
-        Dtype::BF16 => &|b| bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-        _ => &|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32,
-    };
+    let t = slot.transpose;
+    let file = slot.file_dtype;
     let shape = slot.shape.clone();
-    Ok(match (dtype, slot.file_dtype) {
+    Ok(match (dtype, file) {
         // Same dtype: the bits as they are (exact, NaN payloads included).
-        (DType::F32, Dtype::F32) => TensorData::new(convert(decode), shape),
         (DType::F16, Dtype::F16) => TensorData::new(
-            values(src, 2, n, transpose, rows, cols, |b| {
+            values(src, 2, n, t, rows, cols, |b| {
                 f16::from_le_bytes([b[0], b[1]])
             }),
             shape,
         ),
         (DType::BF16, Dtype::BF16) => TensorData::new(
-            values(src, 2, n, transpose, rows, cols, |b| {
+            values(src, 2, n, t, rows, cols, |b| {
                 bf16::from_le_bytes([b[0], b[1]])
             }),
             shape,
         ),
         (DType::F64, Dtype::F64) => TensorData::new(
-            values(src, 8, n, transpose, rows, cols, |b| {
+            values(src, 8, n, t, rows, cols, |b| {
                 f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
             }),
             shape,
         ),
         // Otherwise through f32, as Burn's `convert_dtype` does (f16/bf16 → f32 is exact).
-        (DType::F32, _) => TensorData::new(convert(decode), shape),
+        (DType::F32, _) => TensorData::new(through_f32(src, n, t, rows, cols, file, |x| x), shape),
         (DType::F16, _) => TensorData::new(
-            values(src, width, n, transpose, rows, cols, |b| {
-                f16::from_f32(decode(b))
-            }),
+            through_f32(src, n, t, rows, cols, file, f16::from_f32),
             shape,
         ),
         (DType::BF16, _) => TensorData::new(
-            values(src, width, n, transpose, rows, cols, |b| {
-                bf16::from_f32(decode(b))
-            }),
+            through_f32(src, n, t, rows, cols, file, bf16::from_f32),
             shape,
         ),
         (DType::F64, _) => TensorData::new(
-            values(src, width, n, transpose, rows, cols, |b| decode(b) as f64),
+            through_f32(src, n, t, rows, cols, file, |x| x as f64),
             shape,
         ),
         (other, _) => return Err(format!("{}: cannot load into {other:?}", slot.key)),
     })
+}
+
+/// [`values`] decoded to f32 from the file's dtype, then encoded by `encode`; every pair of
+/// dtypes is its own loop (the f16 → f32 widening of an fp16 variant is the common one).
+fn through_f32<T: Clone>(
+    src: &[u8],
+    n: usize,
+    t: bool,
+    rows: usize,
+    cols: usize,
+    file: Dtype,
+    encode: impl Fn(f32) -> T,
+) -> Vec<T> {
+    match file {
+        Dtype::F32 => values(src, 4, n, t, rows, cols, |b| {
+            encode(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        }),
+        Dtype::F16 => values(src, 2, n, t, rows, cols, |b| {
+            encode(f16::from_le_bytes([b[0], b[1]]).to_f32())
+        }),
+        Dtype::BF16 => values(src, 2, n, t, rows, cols, |b| {
+            encode(bf16::from_le_bytes([b[0], b[1]]).to_f32())
+        }),
+        _ => values(src, 8, n, t, rows, cols, |b| {
+            encode(f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+        }),
+    }
 }
 
 /// The `n` values of `src` (elements of `width` bytes) decoded, in file order or, transposed,
