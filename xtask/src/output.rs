@@ -153,7 +153,7 @@ impl Report {
             let _ = writeln!(s, "\n## Model load\n");
             let _ = writeln!(
                 s,
-                "Seconds per part (random presets: building them), and the process's peak resident set while loading (the page cache not counted).\n"
+                "Seconds per part (random presets: drawing their weights), and the process's peak resident set while loading (mapped weight files count once touched, as for diffusers).\n"
             );
             let _ = writeln!(
                 s,
