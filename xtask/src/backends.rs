@@ -518,11 +518,7 @@ pub fn parity(
                     .ok()
                     .flatten()
                 })
-                .as_ref()
-                .map(|o| Outputs {
-                    latents: o.latents.clone(),
-                    image: o.image.clone(),
-                })
+                .clone()
         }
         #[cfg(not(feature = "flex"))]
         {

@@ -95,6 +95,7 @@ pub fn tolerance(p: Precision) -> f64 {
 pub const TOL_VS_CPU: f64 = 1e-4;
 
 /// The outputs of one fixture run, on the host.
+#[derive(Clone)]
 pub struct Outputs {
     pub latents: Vec<f64>,
     pub image: Vec<f64>,

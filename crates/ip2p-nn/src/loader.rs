@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::LoadError;
-use crate::weights::WeightSpec;
+use crate::weights::{WeightSpec, check_dtype};
 
 /// Host bytes read ahead of the mapper at most (one chunk of parameters).
 const CHUNK_BYTES: usize = 256 << 20;
@@ -386,16 +386,7 @@ pub(crate) fn load<B: Backend, M: Module<B>>(
         if ignored.iter().any(|r| r.is_match(&name)) {
             continue;
         }
-        if !matches!(
-            view.dtype(),
-            Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64
-        ) {
-            return Err(LoadError::UnsupportedDType {
-                path: path.to_path_buf(),
-                tensor: name,
-                dtype: format!("{:?}", view.dtype()),
-            });
-        }
+        check_dtype(path, &name, view.dtype())?;
         let mut key = name.clone();
         for (from, to) in &remaps {
             key = from.replace_all(&key, to.as_str()).into_owned();

@@ -185,18 +185,21 @@ fn check_file(path: &Path, is_ignored: &dyn Fn(&str) -> bool) -> Result<(), Load
         if is_ignored(&name) {
             continue;
         }
-        if !matches!(
-            view.dtype(),
-            Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64
-        ) {
-            return Err(LoadError::UnsupportedDType {
-                path: path.to_path_buf(),
-                tensor: name,
-                dtype: format!("{:?}", view.dtype()),
-            });
-        }
+        check_dtype(path, &name, view.dtype())?;
     }
     Ok(())
+}
+
+/// Weights load from float tensors only: F16, BF16, F32 and F64.
+pub(crate) fn check_dtype(path: &Path, tensor: &str, dtype: Dtype) -> Result<(), LoadError> {
+    if matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) {
+        return Ok(());
+    }
+    Err(LoadError::UnsupportedDType {
+        path: path.to_path_buf(),
+        tensor: tensor.to_string(),
+        dtype: format!("{dtype:?}"),
+    })
 }
 
 fn apply_error(path: &Path, err: &ApplyError) -> LoadError {

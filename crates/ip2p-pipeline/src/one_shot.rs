@@ -57,13 +57,9 @@ pub fn edit_one_shot<B: Backend>(
 
     // Text: prompt and negative embeddings; the encoder is dropped at the end of the block.
     let prompts = match prompts {
-        Prompts::Embeddings {
-            prompt,
-            negative: Some(negative),
-        } => Prompts::Embeddings {
-            prompt,
-            negative: Some(negative),
-        },
+        given @ Prompts::Embeddings {
+            negative: Some(_), ..
+        } => given,
         prompts => {
             let t = Instant::now();
             let text = load_text(dir, device, load)?;

@@ -36,19 +36,23 @@ fn one_shot_matches_the_held_model_and_diffusers() {
     let pixels: Tensor<B, 4> = fx.tensor("pixels", &device);
     let load = LoadOptions::default();
 
+    let run = |return_latents: bool| {
+        edit_one_shot::<B>(
+            &dir,
+            &device,
+            &load,
+            Some(SchedulerKind::Euler),
+            pixels.clone(),
+            prompts(&fx),
+            false,
+            return_latents,
+            settings(&fx),
+        )
+        .unwrap()
+    };
+
     // Full cycle, images out.
-    let one = edit_one_shot::<B>(
-        &dir,
-        &device,
-        &load,
-        Some(SchedulerKind::Euler),
-        pixels.clone(),
-        prompts(&fx),
-        false,
-        false,
-        settings(&fx),
-    )
-    .unwrap();
+    let one = run(false);
     assert_fixture(&fx, "image", one.output.clone(), 1e-3);
     let held = Ip2pModel::<B>::load(&dir, &device, &load).unwrap();
     let mut sched = held.scheduler(Some(SchedulerKind::Euler)).unwrap();
@@ -78,18 +82,7 @@ fn one_shot_matches_the_held_model_and_diffusers() {
     );
 
     // Latents out: the decoder is never loaded; the latents are diffusers'.
-    let latents = edit_one_shot::<B>(
-        &dir,
-        &device,
-        &load,
-        Some(SchedulerKind::Euler),
-        pixels,
-        prompts(&fx),
-        false,
-        true,
-        settings(&fx),
-    )
-    .unwrap();
+    let latents = run(true);
     assert_fixture(&fx, "latents", latents.output, 1e-3);
     assert!(
         !latents
