@@ -81,8 +81,15 @@ def build(args, torch):
     else:
         sys.exit(f"unknown preset {args.preset}")
     sched = EulerAncestralDiscreteScheduler.from_config(sched_cfg)
+    dtype = dict(f32=torch.float32, f16=torch.float16, bf16=torch.bfloat16)[args.dtype]
     for m in (unet, vae, text):
         m.eval().to(torch.float32)
+    if args.device != "cpu" or dtype != torch.float32:
+        # As diffusers' GPU users run it: UNet and text encoder in `dtype`, the VAE too unless
+        # f32 (the pipeline's own default; ip2p keeps its VAE in f32 in every dtype).
+        unet.to(args.device, dtype)
+        text.to(args.device, dtype)
+        vae.to(args.device, dtype)
     return unet, vae, text, tok, sched
 
 
@@ -128,10 +135,14 @@ def rss_peak():
 def run_once(torch, parts, path, inp, prompts, steps, seed, gs=7.5, igs=1.5):
     unet, vae, text, tok, sched = parts
     st = {}
+    device, dtype = unet.device, unet.dtype
+    # A GPU runs asynchronously: a stage's time ends when its kernels have finished.
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(name, fn):
         t = time.perf_counter()
         out = fn()
+        sync()
         st[name] = st.get(name, 0.0) + time.perf_counter() - t
         return out
 
@@ -139,7 +150,7 @@ def run_once(torch, parts, path, inp, prompts, steps, seed, gs=7.5, igs=1.5):
         def enc(texts):
             ids = tok(texts, padding="max_length", max_length=tok.model_max_length,
                       truncation=True, return_tensors="pt").input_ids
-            return text(ids)[0]
+            return text(ids.to(device))[0]
         p = enc(prompts)
         n = enc([""] * len(prompts))
         return torch.cat([p, n, n])
@@ -153,7 +164,7 @@ def run_once(torch, parts, path, inp, prompts, steps, seed, gs=7.5, igs=1.5):
     img_cat = torch.cat([img_lat, img_lat, torch.zeros_like(img_lat)])
     g = torch.Generator().manual_seed(seed)
     sched.set_timesteps(steps)
-    lat = torch.randn(img_lat.shape, generator=g) * sched.init_noise_sigma
+    lat = (torch.randn(img_lat.shape, generator=g) * sched.init_noise_sigma).to(device, dtype)
     step_s = []
     for t in sched.timesteps:
         t0 = time.perf_counter()
@@ -164,6 +175,7 @@ def run_once(torch, parts, path, inp, prompts, steps, seed, gs=7.5, igs=1.5):
         et, ei, eu = eps.chunk(3)
         eps = eu + gs * (et - ei) + igs * (ei - eu)
         lat = sched.step(eps, t, lat, generator=g, return_dict=False)[0]
+        sync()
         step_s.append(time.perf_counter() - t0)
     st["denoise_s"] = sum(step_s)
     if path != "latent-only":
@@ -185,6 +197,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--paths", default="full-cycle,latent-in,latent-only")
     ap.add_argument("--save", help="save the preset's random weights as a diffusers folder here, and exit")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu (what the bench compares with), cuda")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
     args = ap.parse_args()
 
     import torch
@@ -207,7 +221,7 @@ def main():
 
     cells = []
     for path in args.paths.split(","):
-        inp = image if path == "full-cycle" else latents
+        inp = (image if path == "full-cycle" else latents).to(parts[0].device, parts[0].dtype)
         runs = args.warmup + max(args.repeats, 1)
         first_measured = min(args.warmup, runs - 1)
         can_reset = reset_rss()
@@ -231,7 +245,9 @@ def main():
         ))
     print(json.dumps(dict(
         versions=dict(torch=torch.__version__, diffusers=diffusers.__version__,
-                      transformers=transformers.__version__, threads=torch.get_num_threads()),
+                      transformers=transformers.__version__, threads=torch.get_num_threads(),
+                      device=(torch.cuda.get_device_name() if args.device == "cuda" else "cpu"),
+                      dtype=args.dtype),
         cells=cells,
     )))
 

@@ -96,6 +96,12 @@ pub struct EditArgs {
     /// Weight variant, e.g. fp16 for *.fp16.safetensors.
     #[arg(long)]
     pub variant: Option<String>,
+    /// f16 weights of a variant computed in f32: `keep` holds the Conv2d/Linear weights in f16
+    /// (half the memory) and widens them inside each layer, exactly, so the results equal
+    /// `widen`'s (all weights converted to f32 at load). `auto` (the default): keep on the CPU
+    /// backend when --variant is given and --dtype is f32, widen otherwise.
+    #[arg(long, value_enum, default_value_t = HalfWeights::Auto)]
+    pub f16_weights: HalfWeights,
     #[arg(long, value_enum, default_value_t = Resize::Diffusers)]
     pub resize: Resize,
     /// Activation memory budget in MiB: a larger batch runs in chunks sized by resolution.
@@ -110,6 +116,24 @@ pub struct EditArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// What to do with the f16 weights of a variant when computing in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HalfWeights {
+    Auto,
+    Keep,
+    Widen,
+}
+
+impl HalfWeights {
+    fn keep(self) -> Option<bool> {
+        match self {
+            Self::Auto => None,
+            Self::Keep => Some(true),
+            Self::Widen => Some(false),
+        }
+    }
 }
 
 pub fn run(args: &EditArgs) -> Result<()> {
@@ -141,6 +165,7 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
     let options = LoadOptions {
         dtype: Some(args.dtype.dtype()),
         variant: args.variant.clone(),
+        half_weights: args.f16_weights.keep(),
         ..LoadOptions::default()
     };
     // One-shot: each part is loaded for its stage and dropped after it (ip2p_pipeline::one_shot),

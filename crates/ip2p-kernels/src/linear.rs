@@ -5,8 +5,18 @@ use rayon::prelude::*;
 
 use crate::gemm::{MatMut, MatRef, Threads, matmul};
 
-/// `out = x · weight + bias + residual`: `x` `[rows, in]`, `weight` `[in, out]` (Burn's
-/// layout), `bias` `[out]`, `residual` and `out` `[rows, out]`.
+/// How a Linear weight's `in × out` values lie in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[in, out]` row-major: Burn's own layout.
+    InOut,
+    /// `[out, in]` row-major: PyTorch's, as a checkpoint stores it. The GEMM reads it through
+    /// strides, so a weight loaded as a view of the file is used without a transposed copy.
+    OutIn,
+}
+
+/// `out = x · weight + bias + residual`: `x` `[rows, in]`, `weight` `in × out` laid out as
+/// `layout` says, `bias` `[out]`, `residual` and `out` `[rows, out]`.
 ///
 /// # Panics
 /// When a slice's length disagrees with the dimensions.
@@ -16,6 +26,7 @@ pub fn linear(
     rows: usize,
     in_features: usize,
     weight: &[f32],
+    layout: WeightLayout,
     out_features: usize,
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
@@ -58,7 +69,10 @@ pub fn linear(
     matmul(
         MatMut::row_major(out, rows, out_features),
         MatRef::row_major(x, rows, in_features),
-        MatRef::row_major(weight, in_features, out_features),
+        match layout {
+            WeightLayout::InOut => MatRef::row_major(weight, in_features, out_features),
+            WeightLayout::OutIn => MatRef::row_major(weight, out_features, in_features).t(),
+        },
         1.0,
         accumulate,
         Threads::All,

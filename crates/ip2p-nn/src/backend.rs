@@ -20,6 +20,11 @@ mod flex;
 /// Burn's `Backend` plus the layer operations ip2p runs through its own kernels where it has
 /// them. Use it as the bound of every model (`B: ip2p_nn::Backend`).
 pub trait Backend: burn::tensor::backend::Backend {
+    /// Whether this backend's layers widen f16 weights inside their kernels, so keeping an
+    /// fp16 file's weights in f16 ([`crate::Precision::half_weights`]) costs no time to speak of.
+    /// Elsewhere [`generic`] widens them with a cast on every call.
+    const WIDENS_HALF_WEIGHTS: bool = false;
+
     /// `conv(x) + residual`: `x` `[batch, in, h, w]`, `residual` the output's shape.
     fn fused_conv2d(
         conv: &Conv2d<Self>,
@@ -93,14 +98,49 @@ impl<T> AutodiffBackend for T where
 /// backend's fallback for inputs its kernels do not take (f16, grouped or dilated convs).
 pub mod generic {
     use super::*;
+    use burn::module::Param;
     use burn::tensor::backend::Backend;
+    use std::borrow::Cow;
+
+    /// A weight in `x`'s dtype: a half weight kept as stored ([`crate::Precision`]) is widened
+    /// for this call (exact), anything else is used as it is.
+    fn widened<B: Backend, const D: usize, const W: usize>(
+        weight: &Param<Tensor<B, W>>,
+        x: &Tensor<B, D>,
+    ) -> Option<Param<Tensor<B, W>>> {
+        let w = weight.val();
+        (w.dtype() != x.dtype()).then(|| Param::from_tensor(w.cast(x.dtype())))
+    }
+
+    fn conv_for<'a, B: Backend>(conv: &'a Conv2d<B>, x: &Tensor<B, 4>) -> Cow<'a, Conv2d<B>> {
+        match widened(&conv.weight, x) {
+            Some(weight) => Cow::Owned(Conv2d {
+                weight,
+                ..conv.clone()
+            }),
+            None => Cow::Borrowed(conv),
+        }
+    }
+
+    fn linear_for<'a, B: Backend, const D: usize>(
+        linear: &'a Linear<B>,
+        x: &Tensor<B, D>,
+    ) -> Cow<'a, Linear<B>> {
+        match widened(&linear.weight, x) {
+            Some(weight) => Cow::Owned(Linear {
+                weight,
+                ..linear.clone()
+            }),
+            None => Cow::Borrowed(linear),
+        }
+    }
 
     pub fn conv2d<B: Backend>(
         conv: &Conv2d<B>,
         x: Tensor<B, 4>,
         residual: Option<Tensor<B, 4>>,
     ) -> Tensor<B, 4> {
-        let y = conv.forward(x);
+        let y = conv_for(conv, &x).forward(x);
         match residual {
             Some(r) => r + y,
             None => y,
@@ -129,7 +169,7 @@ pub mod generic {
         x: Tensor<B, D>,
         residual: Option<Tensor<B, D>>,
     ) -> Tensor<B, D> {
-        let y = linear.forward(x);
+        let y = linear_for(linear, &x).forward(x);
         match residual {
             Some(r) => y + r,
             None => y,
@@ -137,7 +177,7 @@ pub mod generic {
     }
 
     pub fn geglu<B: Backend>(proj: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let y = proj.forward(x);
+        let y = linear_for(proj, &x).forward(x);
         let half = y.dims()[2] / 2;
         let hidden = y.clone().narrow(2, 0, half);
         hidden * gelu(y.narrow(2, half, half))

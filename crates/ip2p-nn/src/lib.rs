@@ -25,5 +25,6 @@ pub use error::LoadError;
 pub use resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 pub use sampling::{Downsample2D, Downsample2DConfig, Upsample2D, Upsample2DConfig};
 pub use weights::{
-    WeightSpec, default_float_dtype, load_safetensors, load_safetensors_burn_store, weights_file,
+    Precision, WeightSpec, default_float_dtype, load_safetensors, load_safetensors_burn_store,
+    weights_file,
 };

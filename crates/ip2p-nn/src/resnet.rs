@@ -79,7 +79,9 @@ impl<B: Backend> ResnetBlock2D<B> {
             None,
         );
         let h = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(t)) => h + proj.forward(silu(t)).unsqueeze_dims(&[2, 3]),
+            (Some(proj), Some(t)) => {
+                h + B::fused_linear(proj, silu(t), None).unsqueeze_dims(&[2, 3])
+            }
             _ => h,
         };
         let shortcut = match &self.conv_shortcut {

@@ -148,12 +148,51 @@ pub fn load_safetensors_burn_store<B: Backend, M: Module<B>>(
     Ok(module)
 }
 
-/// Load a safetensors file into `module`, casting every float tensor to `dtype`.
+/// The dtype a model is loaded in, and whether half weights stay half.
+///
+/// With `half_weights`, a Conv2d or Linear weight the file stores as f16 (an `fp16` variant)
+/// stays f16 in memory, half the size, and each layer widens it to `dtype` when it runs: f16 →
+/// f32 is exact, so the results are those of the f32-widened load. Everything else (biases,
+/// norms, embeddings) loads in `dtype`. It is for a model computing in f32 from fp16 files on
+/// a backend whose layers widen in their kernels (the CPU one: [`crate::Backend::WIDENS_HALF_WEIGHTS`]);
+/// others widen per call with a cast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    pub dtype: DType,
+    pub half_weights: bool,
+}
+
+impl Precision {
+    /// Everything in `dtype`.
+    pub fn new(dtype: DType) -> Self {
+        Self {
+            dtype,
+            half_weights: false,
+        }
+    }
+
+    pub fn with_half_weights(self, half_weights: bool) -> Self {
+        Self {
+            half_weights,
+            ..self
+        }
+    }
+}
+
+impl From<DType> for Precision {
+    fn from(dtype: DType) -> Self {
+        Self::new(dtype)
+    }
+}
+
+/// Load a safetensors file into `module`, casting every float tensor to `precision`'s dtype
+/// (or keeping f16 weights as they are: [`Precision`]).
 ///
 /// F32, F16, BF16 and F64 files load into a model of any float dtype. The file is
 /// memory-mapped: a tensor stored as the model wants it is a view of the map, others are
-/// copied once into their final buffer (converted and, for a Linear weight, transposed on the
-/// way), several at a time; no parameter is initialised first. See [`crate::loader`].
+/// copied once into their final buffer (converted), several at a time; a Linear weight keeps
+/// the file's `[out, in]` order under a transposed view; no parameter is initialised first.
+/// See [`crate::loader`].
 ///
 /// Errors: the file is missing or unreadable, not safetensors, truncated, holds a tensor of
 /// an unsupported dtype, lacks a tensor the module needs, holds one the module has no place
@@ -162,9 +201,9 @@ pub fn load_safetensors<B: Backend, M: Module<B>>(
     module: M,
     path: impl AsRef<Path>,
     spec: &WeightSpec,
-    dtype: DType,
+    precision: impl Into<Precision>,
 ) -> Result<M, LoadError> {
-    crate::loader::load(module, path.as_ref(), spec, dtype)
+    crate::loader::load(module, path.as_ref(), spec, precision.into())
 }
 
 /// Validate the header, the data length and every dtype before burn-store touches the file,

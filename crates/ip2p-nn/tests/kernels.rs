@@ -152,8 +152,26 @@ fn linear_and_geglu_match_burn() {
         let x = rand([b, l, fin]);
         let res = residual.then(|| rand([b, l, fout]));
         let want = generic::linear(&lin, x.clone(), res.clone());
-        let got = <B as Backend>::fused_linear(&lin, x.clone(), res);
-        assert_close(&format!("linear {b}×{l}×{fin}→{fout}"), got, want, TOL);
+        let got = <B as Backend>::fused_linear(&lin, x.clone(), res.clone());
+        assert_close(
+            &format!("linear {b}×{l}×{fin}→{fout}"),
+            got,
+            want.clone(),
+            TOL,
+        );
+        // As the loader makes it: the checkpoint's `[out, in]` values, Burn's shape by a
+        // transposed view, read by the kernel through strides.
+        let out_in: Tensor<B, 2> =
+            Tensor::from_data(lin.weight.val().transpose().to_data(), &Default::default());
+        let mut lin_t = lin.clone();
+        lin_t.weight = Param::from_tensor(out_in.transpose());
+        let got = <B as Backend>::fused_linear(&lin_t, x.clone(), res);
+        assert_close(
+            &format!("linear [out, in] {b}×{l}×{fin}→{fout}"),
+            got,
+            want,
+            TOL,
+        );
         if fout % 2 == 0 {
             let want = generic::geglu(&lin, x.clone());
             let got = <B as Backend>::fused_geglu(&lin, x);

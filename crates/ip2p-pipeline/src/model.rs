@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use burn::tensor::{DType, Tensor};
 use ip2p_nn::Backend;
-use ip2p_nn::{AttentionImpl, default_float_dtype};
+use ip2p_nn::{AttentionImpl, Precision, default_float_dtype};
 use ip2p_sched::{Generator, Scheduler, SchedulerConfig, SchedulerKind};
 use ip2p_text::{ClipTextModel, ClipTokenizer, PromptEncoder};
 use ip2p_unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -23,6 +23,10 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Weight file variant, e.g. `fp16` for `diffusion_pytorch_model.fp16.safetensors`.
     pub variant: Option<String>,
+    /// Keep the f16 Conv2d/Linear weights of an fp16 file in f16 (half the memory), widened
+    /// exactly inside the layers ([`ip2p_nn::Precision`]). `None`: when a variant is loaded
+    /// into f32 on a backend that widens in its kernels (the CPU one).
+    pub half_weights: Option<bool>,
     /// Load the VAE (not needed for latent-in, latent-out work).
     pub vae: bool,
     /// Load the tokenizer and text encoder (not needed when prompts come as embeddings).
@@ -35,10 +39,25 @@ impl Default for LoadOptions {
         Self {
             dtype: None,
             variant: None,
+            half_weights: None,
             vae: true,
             text_encoder: true,
             attention: AttentionImpl::default(),
         }
+    }
+}
+
+impl LoadOptions {
+    /// How the UNet and text encoder are loaded on `B`: [`Self::dtype`] and [`Self::half_weights`]
+    /// resolved.
+    pub fn precision<B: Backend>(&self) -> Precision {
+        self.precision_in::<B>(self.dtype.unwrap_or_else(default_float_dtype::<B>))
+    }
+
+    /// [`Self::precision`] for a part that computes in `dtype` (the VAE: f32).
+    fn precision_in<B: Backend>(&self, dtype: DType) -> Precision {
+        let auto = B::WIDENS_HALF_WEIGHTS && self.variant.is_some() && dtype == DType::F32;
+        Precision::new(dtype).with_half_weights(self.half_weights.unwrap_or(auto))
     }
 }
 
@@ -92,7 +111,7 @@ pub(crate) fn load_vae<B: Backend>(
     Ok(AutoencoderKL::load(
         dir.join("vae"),
         device,
-        DType::F32,
+        options.precision_in::<B>(DType::F32),
         options.variant.as_deref(),
     )?)
 }
@@ -103,12 +122,11 @@ pub(crate) fn load_text<B: Backend>(
     device: &B::Device,
     options: &LoadOptions,
 ) -> Result<PromptEncoder<B>, PipelineError> {
-    let dtype = options.dtype.unwrap_or_else(default_float_dtype::<B>);
     let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
     let encoder = ClipTextModel::load_as(
         dir.join("text_encoder"),
         options.variant.as_deref(),
-        dtype,
+        options.precision::<B>(),
         device,
     )?
     .with_attention_impl(options.attention);
@@ -150,8 +168,13 @@ impl<B: Backend> Ip2pModel<B> {
         let dtype = options.dtype.unwrap_or_else(default_float_dtype::<B>);
         let variant = options.variant.as_deref();
         let t = Instant::now();
-        let unet = UNet2DConditionModel::load(dir.join("unet"), variant, dtype, device)?
-            .with_attention_impl(options.attention);
+        let unet = UNet2DConditionModel::load(
+            dir.join("unet"),
+            variant,
+            options.precision::<B>(),
+            device,
+        )?
+        .with_attention_impl(options.attention);
         let unet_s = t.elapsed().as_secs_f64();
         let vae_config = VaeConfig::load(dir.join("vae").join("config.json"))?;
         let t = Instant::now();

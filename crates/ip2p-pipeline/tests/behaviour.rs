@@ -362,6 +362,60 @@ fn half_precision_runs_close_to_f32() {
     assert_close("f16 vs f32 latents", out, reference, 5e-2);
 }
 
+/// The fp16 variant computed in f32 with its Conv2d/Linear weights kept in f16 (the CPU
+/// default): the weights take half the memory and the edit is bit-identical to the one whose
+/// weights were widened to f32 at load, since f16 → f32 is exact and the kernels see the same
+/// f32 values. Every part (text encoder, VAE, UNet) runs with half weights here.
+#[test]
+fn half_weights_kept_give_the_widened_result_exactly() {
+    use burn::tensor::DType;
+    let load = |half_weights| {
+        tiny(&LoadOptions {
+            variant: Some("fp16".into()),
+            half_weights: Some(half_weights),
+            ..LoadOptions::default()
+        })
+    };
+    let (kept, widened) = (load(true), load(false));
+    assert_eq!(kept.unet.conv_in.weight.val().dtype(), DType::F16);
+    assert_eq!(
+        kept.unet.conv_in.bias.as_ref().unwrap().val().dtype(),
+        DType::F32
+    );
+    assert_eq!(kept.unet.dtype(), DType::F32);
+    assert_eq!(kept.vae.as_ref().unwrap().model.dtype(), DType::F32);
+    assert_eq!(widened.unet.conv_in.weight.val().dtype(), DType::F32);
+    // The default on the CPU backend, for a variant computed in f32, is to keep them.
+    let auto = LoadOptions {
+        variant: Some("fp16".into()),
+        ..LoadOptions::default()
+    };
+    assert!(auto.precision::<B>().half_weights);
+    assert!(!LoadOptions::default().precision::<B>().half_weights);
+
+    let (fx, pixels, prompts) = inputs(&widened);
+    let noise = fx.tensor::<B, 4>("noise", &widened.device);
+    let run = |m: &Ip2pModel<B>| {
+        edit(
+            m,
+            pixels.clone(),
+            prompts.clone(),
+            RunSettings {
+                options: options(2),
+                init_latents: Some(noise.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .output
+    };
+    let (a, b) = (run(&kept), run(&widened));
+    assert_eq!(
+        a.to_data().as_slice::<f32>().unwrap(),
+        b.to_data().as_slice::<f32>().unwrap()
+    );
+}
+
 /// A 4-channel (text-to-image) UNet is refused before any weights are read.
 #[test]
 fn a_text_to_image_model_is_refused() {

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
+use ip2p_nn::Backend;
 
 use crate::encoder::ids_tensor;
 use crate::{ClipTextModel, ClipTokenizer, TextError, check_ids};

@@ -14,12 +14,12 @@ use std::path::Path;
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, gelu_approximate, relu, sigmoid};
-use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
+use ip2p_nn::Backend;
 use ip2p_nn::norm::layer_norm;
 use ip2p_nn::{
-    AttentionImpl, LoadError, WeightSpec, default_float_dtype, load_safetensors, read_config,
-    scaled_dot_product, weights_file,
+    AttentionImpl, LoadError, Precision, WeightSpec, default_float_dtype, load_safetensors,
+    read_config, scaled_dot_product, weights_file,
 };
 use serde::Deserialize;
 
@@ -220,23 +220,23 @@ impl<B: Backend> ClipAttention<B> {
             t.reshape([b, l, self.heads, c / self.heads])
                 .swap_dims(1, 2)
         };
-        let q = split(self.q_proj.forward(x.clone()));
-        let k = split(self.k_proj.forward(x.clone()));
-        let v = split(self.v_proj.forward(x));
+        let q = split(B::fused_linear(&self.q_proj, x.clone(), None));
+        let k = split(B::fused_linear(&self.k_proj, x.clone(), None));
+        let v = split(B::fused_linear(&self.v_proj, x, None));
         let out = scaled_dot_product(q, k, v, true, self.attention_impl);
-        self.out_proj
-            .forward(out.swap_dims(1, 2).reshape([b, l, c]))
+        B::fused_linear(&self.out_proj, out.swap_dims(1, 2).reshape([b, l, c]), None)
     }
 }
 
 impl<B: Backend> ClipEncoderLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = x.clone() + self.self_attn.forward(layer_norm(&self.layer_norm1, x));
-        let h = self
-            .mlp
-            .fc1
-            .forward(layer_norm(&self.layer_norm2, x.clone()));
-        x + self.mlp.fc2.forward(self.mlp.act.apply(h))
+        let h = B::fused_linear(
+            &self.mlp.fc1,
+            layer_norm(&self.layer_norm2, x.clone()),
+            None,
+        );
+        x + B::fused_linear(&self.mlp.fc2, self.mlp.act.apply(h), None)
     }
 }
 
@@ -262,11 +262,12 @@ impl<B: Backend> ClipTextModel<B> {
         Self::load_as(dir, variant, default_float_dtype::<B>(), device)
     }
 
-    /// [`Self::load`] with the weights cast to `dtype` (F32, F16, BF16).
+    /// [`Self::load`] with the weights cast to `dtype` (F32, F16, BF16), or f16 weights kept
+    /// as stored ([`Precision`]).
     pub fn load_as(
         dir: impl AsRef<Path>,
         variant: Option<&str>,
-        dtype: DType,
+        dtype: impl Into<Precision>,
         device: &B::Device,
     ) -> Result<Self, TextError> {
         let dir = dir.as_ref();

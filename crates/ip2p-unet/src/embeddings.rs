@@ -4,8 +4,8 @@
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
+use ip2p_nn::Backend;
 
 /// Timesteps for one UNet call: one value for the whole batch, or one per sample. Euler
 /// schedulers give fractional timesteps, so they are floats.
@@ -86,6 +86,7 @@ impl<B: Backend> TimestepEmbedding<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.linear_2.forward(silu(self.linear_1.forward(x)))
+        let h = silu(B::fused_linear(&self.linear_1, x, None));
+        B::fused_linear(&self.linear_2, h, None)
     }
 }

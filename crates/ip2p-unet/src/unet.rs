@@ -8,7 +8,7 @@ use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
 use burn::tensor::cast::ToElement;
 use burn::tensor::{DType, Tensor, TensorData};
 use ip2p_nn::Backend;
-use ip2p_nn::{AttentionImpl, WeightSpec, load_safetensors, weights_file};
+use ip2p_nn::{AttentionImpl, Precision, WeightSpec, load_safetensors, weights_file};
 
 use crate::UnetError;
 use crate::blocks::{BlockCommon, DownBlock, LevelSpec, MidBlock, UpBlock};
@@ -155,7 +155,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
     pub fn load(
         dir: impl AsRef<Path>,
         variant: Option<&str>,
-        dtype: DType,
+        dtype: impl Into<Precision>,
         device: &B::Device,
     ) -> Result<Self, UnetError> {
         let dir = dir.as_ref();
@@ -166,7 +166,11 @@ impl<B: Backend> UNet2DConditionModel<B> {
     }
 
     /// Load a safetensors file of diffusers' keys into this model (strict: every tensor must match).
-    pub fn load_weights(self, path: impl AsRef<Path>, dtype: DType) -> Result<Self, UnetError> {
+    pub fn load_weights(
+        self,
+        path: impl AsRef<Path>,
+        dtype: impl Into<Precision>,
+    ) -> Result<Self, UnetError> {
         let spec = weight_spec(self.use_linear_projection);
         Ok(load_safetensors(self, path, &spec, dtype)?)
     }
@@ -185,9 +189,13 @@ impl<B: Backend> UNet2DConditionModel<B> {
         self
     }
 
-    /// The model's float dtype (that of `conv_in`'s weight).
+    /// The model's float dtype (that of `conv_in`'s bias, or weight).
     pub fn dtype(&self) -> DType {
-        self.conv_in.weight.val().dtype()
+        // The bias: a weight may be f16 kept as stored ([`ip2p_nn::Precision`]).
+        match &self.conv_in.bias {
+            Some(b) => b.val().dtype(),
+            None => self.conv_in.weight.val().dtype(),
+        }
     }
 
     /// The sinusoidal timestep embedding (diffusers' `time_proj`), `[batch]` → `[batch, c0]`, f32.

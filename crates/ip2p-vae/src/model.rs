@@ -8,7 +8,7 @@ use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
 use burn::tensor::{DType, Distribution, Tensor};
 use ip2p_nn::Backend;
 use ip2p_nn::{
-    Attention, AttentionConfig, Downsample2D, Downsample2DConfig, ResnetBlock2D,
+    Attention, AttentionConfig, Downsample2D, Downsample2DConfig, Precision, ResnetBlock2D,
     ResnetBlock2DConfig, Upsample2D, Upsample2DConfig, WeightSpec,
 };
 
@@ -332,7 +332,11 @@ impl<B: Backend> AutoencoderKLModule<B> {
 
     /// The float dtype of the weights (what [`AutoencoderKL::encode`] and [`AutoencoderKL::decode`] compute in).
     pub fn dtype(&self) -> DType {
-        self.encoder.conv_in.weight.val().dtype()
+        // The bias: a weight may be f16 kept as stored ([`ip2p_nn::Precision`]).
+        match &self.encoder.conv_in.bias {
+            Some(b) => b.val().dtype(),
+            None => self.encoder.conv_in.weight.val().dtype(),
+        }
     }
 
     /// `[b, 3, h, w]` → the posterior's moments `[b, 2·latent, h/f, w/f]`.
@@ -373,7 +377,7 @@ impl<B: Backend> AutoencoderKL<B> {
     pub fn load(
         dir: impl AsRef<Path>,
         device: &B::Device,
-        dtype: DType,
+        dtype: impl Into<Precision>,
         variant: Option<&str>,
     ) -> Result<Self, VaeError> {
         let dir = dir.as_ref();
@@ -387,7 +391,7 @@ impl<B: Backend> AutoencoderKL<B> {
         config: VaeConfig,
         file: impl AsRef<Path>,
         device: &B::Device,
-        dtype: DType,
+        dtype: impl Into<Precision>,
     ) -> Result<Self, VaeError> {
         let model = AutoencoderKLModule::new(&config, device);
         let model = ip2p_nn::load_safetensors(model, file, &weight_spec(), dtype)?;

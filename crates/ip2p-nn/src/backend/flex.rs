@@ -6,8 +6,11 @@ use burn::nn::{GroupNorm, LayerNorm, Linear, PaddingConfig2d};
 use burn::tensor::{Bytes, DType, Shape, Tensor, TensorPrimitive};
 use burn_flex::Flex;
 use burn_flex::{FlexTensor, Layout};
+use half::slice::HalfFloatSliceExt;
 use ip2p_kernels::attention::{AttentionLayout, AttentionShape};
 use ip2p_kernels::conv::Conv2dShape;
+use ip2p_kernels::linear::WeightLayout;
+use rayon::prelude::*;
 
 use super::{Backend, generic};
 use crate::attention::AttentionImpl;
@@ -31,6 +34,78 @@ impl F32 {
             .as_slice::<f32>()
             .expect("a contiguous f32 tensor has a slice")
     }
+}
+
+/// A Linear weight's f32 values as the kernel takes them: Burn's `[in, out]`, or the
+/// transposed view of a checkpoint's `[out, in]` that the loader makes (no copy either way;
+/// an f16 weight kept as stored is widened for this call, exactly).
+struct LinearWeight {
+    values: Weight,
+    layout: WeightLayout,
+}
+
+impl LinearWeight {
+    fn new(t: Tensor<Flex, 2>) -> Self {
+        let TensorPrimitive::Float(tensor) = t.into_primitive() else {
+            unreachable!("callers pass float tensors only")
+        };
+        let l = tensor.layout();
+        let fan_in = l.shape()[0];
+        let out_in = l.strides() == [1, fan_in as isize];
+        let (tensor, layout) = if out_in {
+            (tensor, WeightLayout::OutIn)
+        } else {
+            (tensor.to_contiguous(), WeightLayout::InOut)
+        };
+        Self {
+            values: Weight::new(tensor),
+            layout,
+        }
+    }
+
+    fn slice(&self) -> &[f32] {
+        self.values.slice()
+    }
+}
+
+/// A weight's values in memory order, from its start: f32 as stored, or f16 widened.
+enum Weight {
+    F32(FlexTensor),
+    Widened(Vec<f32>),
+}
+
+impl Weight {
+    fn new(tensor: FlexTensor) -> Self {
+        if tensor.dtype() != DType::F16 {
+            return Self::F32(tensor);
+        }
+        let l = tensor.layout();
+        let start = l.start_offset();
+        let src = &tensor.storage::<half::f16>()[start..start + l.num_elements()];
+        let mut dst = vec![0.0f32; src.len()];
+        // Chunks big enough to amortise a task, small enough to share out.
+        const CHUNK: usize = 1 << 16;
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| s.convert_to_f32_slice(d));
+        Self::Widened(dst)
+    }
+
+    fn slice(&self) -> &[f32] {
+        match self {
+            Self::F32(t) => {
+                let l = t.layout();
+                let start = l.start_offset();
+                &t.storage::<f32>()[start..start + l.num_elements()]
+            }
+            Self::Widened(v) => v,
+        }
+    }
+}
+
+/// f32, or f16 (a half weight kept as stored, widened when used).
+fn is_f32_or_half<const D: usize>(t: &Tensor<Flex, D>) -> bool {
+    matches!(t.dtype(), DType::F32 | DType::F16)
 }
 
 fn is_f32<const D: usize>(t: &Tensor<Flex, D>) -> bool {
@@ -60,6 +135,8 @@ fn padding(p: &PaddingConfig2d) -> Option<[usize; 4]> {
 }
 
 impl Backend for Flex {
+    const WIDENS_HALF_WEIGHTS: bool = true;
+
     fn fused_conv2d(
         conv: &Conv2d<Flex>,
         x: Tensor<Flex, 4>,
@@ -70,7 +147,7 @@ impl Backend for Flex {
         let [n, cin, h, w] = x.dims();
         let pad = padding(&conv.padding);
         let usable = is_f32(&x)
-            && is_f32(&weight)
+            && is_f32_or_half(&weight)
             && residual.as_ref().is_none_or(is_f32)
             && conv.groups == 1
             && conv.dilation == [1, 1]
@@ -97,7 +174,10 @@ impl Backend for Flex {
             return generic::conv2d(conv, x, residual);
         }
         let x = F32::new(x);
-        let weight = F32::new(weight);
+        let weight = match weight.into_primitive() {
+            TensorPrimitive::Float(t) => Weight::new(t.to_contiguous()),
+            TensorPrimitive::QFloat(_) => unreachable!("checked: f32 or f16"),
+        };
         let bias = conv.bias.as_ref().map(param);
         let residual = residual.map(F32::new);
         let mut out = vec![0.0; shape.output_len()];
@@ -188,7 +268,7 @@ impl Backend for Flex {
         let mut out_dims = dims;
         out_dims[D - 1] = fan_out;
         let usable = is_f32(&x)
-            && is_f32(&weight)
+            && is_f32_or_half(&weight)
             && dims[D - 1] == fan_in
             && residual
                 .as_ref()
@@ -198,7 +278,7 @@ impl Backend for Flex {
         }
         let rows = dims[..D - 1].iter().product();
         let x = F32::new(x);
-        let weight = F32::new(weight);
+        let weight = LinearWeight::new(weight);
         let bias = linear.bias.as_ref().map(param);
         let residual = residual.map(F32::new);
         let mut out = vec![0.0; rows * fan_out];
@@ -207,6 +287,7 @@ impl Backend for Flex {
             rows,
             fan_in,
             weight.slice(),
+            weight.layout,
             fan_out,
             bias.as_ref().map(F32::slice),
             residual.as_ref().map(F32::slice),
@@ -217,7 +298,7 @@ impl Backend for Flex {
 
     fn fused_geglu(proj: &Linear<Flex>, x: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
         let two_inner = proj.weight.dims()[1];
-        if !is_f32(&x) || !is_f32(&proj.weight.val()) || two_inner % 2 != 0 {
+        if !is_f32(&x) || !is_f32_or_half(&proj.weight.val()) || two_inner % 2 != 0 {
             return generic::geglu(proj, x);
         }
         let y = <Flex as Backend>::fused_linear(proj, x, None);
