@@ -333,7 +333,7 @@ fn run_shard<B: Backend>(
             }
             let n_items: usize = batches.iter().map(|(_, m)| m.len()).sum();
             for (key, members) in batches {
-                let outcome = edit_batch(args, &model, kind, &device, probe, &key, items, &members);
+                let outcome = edit_batch(args, &model, kind, probe, &key, items, &members);
                 let (images, latents) = match outcome {
                     Ok(v) => v,
                     Err(reason) => {
@@ -497,7 +497,6 @@ fn edit_batch<B: Backend>(
     args: &EditDatasetArgs,
     model: &Ip2pModel<B>,
     kind: Option<SchedulerKind>,
-    device: &B::Device,
     probe: &dyn MemoryProbe,
     key: &BatchKey,
     all: &[ip2p_dataset::Item],
@@ -522,7 +521,7 @@ fn edit_batch<B: Backend>(
         });
     }
     let images: Vec<RgbImage> = members.iter().map(|(_, img)| img.clone()).collect();
-    let input: Tensor<B, 4> = images_to_tensor(&images, device, DType::F32)?;
+    let input: Tensor<B, 4> = images_to_tensor(&images, &model.device, DType::F32)?;
     let seeds: Vec<u64> = items
         .iter()
         .map(|item| item.seed.unwrap_or_else(|| item_seed(args.seed, &item.id)))

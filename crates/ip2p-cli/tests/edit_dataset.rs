@@ -93,7 +93,7 @@ fn outputs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| !p.extension().is_some_and(|e| e == "jsonl"))
+        .filter(|p| p.extension().is_none_or(|e| e != "jsonl"))
         .map(|p| {
             (
                 p.file_name().unwrap().to_str().unwrap().to_string(),

@@ -27,6 +27,9 @@ pub const RESULT_COLUMNS: &[&str] = &[
 /// Longest id, in bytes (ids become file names).
 pub const MAX_ID_LEN: usize = 200;
 
+/// A manifest row before checking: its 1-based line (or Parquet row) and its columns.
+pub type Row = (usize, Map<String, Value>);
+
 /// The prompt of an item, as the manifest gives it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PromptSource {
@@ -83,10 +86,7 @@ impl Manifest {
 
     /// A manifest from rows already parsed: `(line, object)` pairs. `path` names the manifest
     /// in errors and is where relative image paths start.
-    pub fn from_rows(
-        path: impl AsRef<Path>,
-        rows: Vec<(usize, Map<String, Value>)>,
-    ) -> Result<Self, DatasetError> {
+    pub fn from_rows(path: impl AsRef<Path>, rows: Vec<Row>) -> Result<Self, DatasetError> {
         let path = path.as_ref().to_path_buf();
         let dir = path.parent().unwrap_or(Path::new("")).to_path_buf();
         let mut first_line: HashMap<String, usize> = HashMap::with_capacity(rows.len());
@@ -121,7 +121,7 @@ impl Manifest {
 }
 
 /// The non-blank lines of a JSON Lines file as objects, with their 1-based line numbers.
-fn read_jsonl(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>, DatasetError> {
+fn read_jsonl(path: &Path) -> Result<Vec<Row>, DatasetError> {
     let text = std::fs::read_to_string(path).map_err(DatasetError::io(path))?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -144,12 +144,12 @@ fn read_jsonl(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>, DatasetEr
 }
 
 #[cfg(feature = "parquet")]
-fn read_parquet(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>, DatasetError> {
+fn read_parquet(path: &Path) -> Result<Vec<Row>, DatasetError> {
     crate::manifest_parquet::read(path)
 }
 
 #[cfg(not(feature = "parquet"))]
-fn read_parquet(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>, DatasetError> {
+fn read_parquet(path: &Path) -> Result<Vec<Row>, DatasetError> {
     Err(DatasetError::Parquet {
         path: path.to_path_buf(),
         reason: "this build has no Parquet support (ip2p-dataset's `parquet` feature)".into(),

@@ -9,11 +9,12 @@ use parquet::basic::{ConvertedType, Type as PhysicalType};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
 use parquet::schema::types::Type;
-use serde_json::{Map, Number, Value};
+use serde_json::{Number, Value};
 
 use crate::error::DatasetError;
+use crate::manifest::Row;
 
-pub(crate) fn read(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>, DatasetError> {
+pub(crate) fn read(path: &Path) -> Result<Vec<Row>, DatasetError> {
     let bad = |e: parquet::errors::ParquetError| DatasetError::Parquet {
         path: path.to_path_buf(),
         reason: e.to_string(),

@@ -63,7 +63,8 @@ fn shards_cover_the_manifest_once_in_whole_groups() {
                     assert_eq!(r.start, next, "len {len} batch {batch} {index}/{count}");
                     assert!(
                         r.is_empty()
-                            || (r.start % batch == 0 && (r.end % batch == 0 || r.end == len))
+                            || (r.start.is_multiple_of(batch)
+                                && (r.end.is_multiple_of(batch) || r.end == len))
                     );
                     let gs = groups(r.clone(), batch);
                     assert!(gs.iter().all(|g| g.start / batch == (g.end - 1) / batch));
