@@ -400,7 +400,7 @@ fn run_shard<B: Backend>(
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "{shard}: {} edited, {} failed in {:.1} s ({:.2} items/s); results in {}",
+        "{shard}: {} edited, {} failed in {:.1} s ({:.3} items/s); results in {}",
         stats.edited,
         stats.failed,
         secs,
