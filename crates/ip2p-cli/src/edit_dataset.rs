@@ -298,7 +298,7 @@ fn run_shard<B: Backend>(
 
         let mut edited = 0;
         let mut failed = 0;
-        for (group, images) in load_rx {
+        'groups: for (group, images) in load_rx {
             let t = Instant::now();
             let mut ok = Vec::new();
             for (i, image) in group.clone().zip(images) {
@@ -318,7 +318,9 @@ fn run_shard<B: Backend>(
                         }
                         failed += 1;
                         let r = record(args, &items[i], i, Status::Failed, Some(reason));
-                        write_tx.send(Job::Failed(Box::new(r))).ok();
+                        if write_tx.send(Job::Failed(Box::new(r))).is_err() {
+                            break 'groups;
+                        }
                     }
                 }
             }
@@ -359,7 +361,9 @@ fn run_shard<B: Backend>(
                                 Status::Failed,
                                 Some(format!("{reason:#}")),
                             );
-                            write_tx.send(Job::Failed(Box::new(r))).ok();
+                            if write_tx.send(Job::Failed(Box::new(r))).is_err() {
+                                break 'groups;
+                            }
                         }
                         continue;
                     }
@@ -386,7 +390,8 @@ fn run_shard<B: Backend>(
                         })
                         .is_err()
                     {
-                        break;
+                        // The writer stopped on an error: it is returned below.
+                        break 'groups;
                     }
                 }
             }
