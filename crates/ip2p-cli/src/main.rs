@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod backend;
 mod edit;
+mod edit_dataset;
 mod prepare_data;
 mod tokenize;
 mod train;
@@ -26,6 +27,8 @@ struct Cli {
 enum Command {
     /// Edit images with instructions.
     Edit(Box<edit::EditArgs>),
+    /// Edit every item of a manifest (JSON Lines or Parquet), as one shard of many.
+    EditDataset(Box<edit_dataset::EditDatasetArgs>),
     /// Print the CLIP token ids of each prompt, one JSON array per line.
     Tokenize(tokenize::TokenizeArgs),
     /// Tokenize a dataset's edit prompts once (writes tokens.jsonl next to metadata.jsonl).
@@ -39,6 +42,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Edit(args) => edit::run(&args),
+        Command::EditDataset(args) => edit_dataset::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
         Command::PrepareData(args) => prepare_data::run(&args),
         Command::Train(args) => train::run(&args),
