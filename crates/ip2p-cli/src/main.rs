@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod backend;
 mod edit;
 mod prepare_data;
+mod serve;
 mod tokenize;
 mod train;
 
@@ -32,6 +33,8 @@ enum Command {
     PrepareData(prepare_data::PrepareDataArgs),
     /// Fine-tune InstructPix2Pix on a prepared dataset.
     Train(Box<train::TrainArgs>),
+    /// Serve a web page and an HTTP API for edits (one model, a queue).
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Tokenize(args) => tokenize::run(&args),
         Command::PrepareData(args) => prepare_data::run(&args),
         Command::Train(args) => train::run(&args),
+        Command::Serve(args) => serve::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
