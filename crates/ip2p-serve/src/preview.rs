@@ -29,11 +29,21 @@ pub fn latent_rgb<B: Backend>(latents: &Tensor<B, 4>) -> Option<(u32, u32, Vec<u
         .to_vec::<f32>()
         .ok()?;
     let plane = h * w;
+    // Early latents are mostly noise at sigma ≫ 1; brought back to unit spread they show
+    // colours instead of saturating. Latents near the end (spread ≈ 1) are left alone.
+    let n = data.len().max(1) as f32;
+    let mean = data.iter().sum::<f32>() / n;
+    let spread = (data.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n).sqrt();
+    let scale = if spread.is_finite() && spread > 1.0 {
+        1.0 / spread
+    } else {
+        1.0
+    };
     let mut rgb = Vec::with_capacity(plane * 3);
     for p in 0..plane {
-        for (k, _) in ["r", "g", "b"].iter().enumerate() {
+        for k in 0..3 {
             let v: f32 = (0..4)
-                .map(|ch| data[ch * plane + p] * SD15_LATENT_RGB[ch][k])
+                .map(|ch| data[ch * plane + p] * scale * SD15_LATENT_RGB[ch][k])
                 .sum();
             let v = ((v + 1.0) * 127.5).clamp(0.0, 255.0);
             rgb.push(if v.is_finite() { v.round() as u8 } else { 0 });
