@@ -41,10 +41,14 @@ pub fn latent_rgb<B: Backend>(latents: &Tensor<B, 4>) -> Option<(u32, u32, Vec<u
     };
     let mut rgb = Vec::with_capacity(plane * 3);
     for p in 0..plane {
-        for k in 0..3 {
-            let v: f32 = (0..4)
-                .map(|ch| data[ch * plane + p] * scale * SD15_LATENT_RGB[ch][k])
-                .sum();
+        let mut px = [0f32; 3];
+        for (ch, factors) in SD15_LATENT_RGB.iter().enumerate() {
+            let x = data[ch * plane + p] * scale;
+            for (acc, f) in px.iter_mut().zip(factors) {
+                *acc += x * f;
+            }
+        }
+        for v in px {
             let v = ((v + 1.0) * 127.5).clamp(0.0, 255.0);
             rgb.push(if v.is_finite() { v.round() as u8 } else { 0 });
         }
