@@ -91,30 +91,48 @@ async fn events_come_in_order_and_a_seed_gives_the_same_png() {
         &[("seed", "42"), ("scheduler", "euler-ancestral")],
     ]
     .concat();
+    // A long edit runs first, so that ours is subscribed to while it waits: every event of
+    // its life arrives, in order.
+    let blocker = submit(
+        &client,
+        &server,
+        &[("prompt", "wait"), ("steps", "1000"), ("resolution", "64")],
+    )
+    .await;
     let sub = submit(&client, &server, &fields).await;
     assert_eq!(
         (
             sub["seed"].as_u64(),
             sub["width"].as_u64(),
-            sub["height"].as_u64()
+            sub["height"].as_u64(),
+            sub["position"].as_u64()
         ),
-        (Some(42), Some(64), Some(64))
+        (Some(42), Some(64), Some(64), Some(1))
     );
     let id = sub["id"].as_str().unwrap().to_string();
-
-    let all = events(&client, &server, &id).await.until_final().await;
-    let names: Vec<&str> = all.iter().map(|e| e.event.as_str()).collect();
-    // Subscribing may find it queued or already started; then started, 3 steps, done.
-    let start = names
-        .iter()
-        .position(|n| *n == "started")
-        .expect("a started event");
-    assert!(names[..start].iter().all(|n| *n == "queued"), "{names:?}");
+    let mut reader = events(&client, &server, &id).await;
+    let first = reader.next().await.unwrap();
     assert_eq!(
-        &names[start..],
-        ["started", "step", "step", "step", "done"],
+        (first.event.as_str(), first.data["position"].as_u64()),
+        ("queued", Some(1))
+    );
+    let blocker_id = blocker["id"].as_str().unwrap();
+    let resp = client
+        .post(url(&server, &format!("/api/edits/{blocker_id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+
+    let all = reader.until_final().await;
+    let names: Vec<&str> = all.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        names,
+        ["queued", "started", "step", "step", "step", "done"],
         "{names:?}"
     );
+    assert_eq!(all[0].data["position"], 0, "moved up when the first left");
+    let start = 1;
     for (k, e) in all[start + 1..start + 4].iter().enumerate() {
         assert_eq!(
             (e.data["i"].as_u64(), e.data["n"].as_u64()),
