@@ -173,6 +173,14 @@ impl Jobs {
         self.keep
     }
 
+    /// A known edit that has not expired (the sweeper may not have dropped it yet).
+    fn find<'a>(&self, s: &'a Store, id: &str) -> Result<&'a Job, ApiError> {
+        s.jobs
+            .get(id)
+            .filter(|job| job.finished_at.is_none_or(|t| t.elapsed() < self.keep))
+            .ok_or_else(|| ApiError::not_found(id))
+    }
+
     fn lock(&self) -> MutexGuard<'_, Store> {
         // A panic elsewhere never poisons the server for everyone after it.
         self.store.lock().unwrap_or_else(|e| e.into_inner())
@@ -301,7 +309,7 @@ impl Jobs {
     /// Returns the state the edit is in afterwards (`cancelled`, or `running` until it stops).
     pub fn cancel(&self, id: &str) -> Result<State, ApiError> {
         let mut s = self.lock();
-        let state = s.jobs.get(id).ok_or_else(|| ApiError::not_found(id))?.state;
+        let state = self.find(&s, id)?.state;
         match state {
             State::Queued => {
                 s.queue.retain(|q| q != id);
@@ -331,7 +339,7 @@ impl Jobs {
     /// The state as `GET /api/edits/{id}` shows it.
     pub fn status(&self, id: &str) -> Result<Value, ApiError> {
         let s = self.lock();
-        let job = s.jobs.get(id).ok_or_else(|| ApiError::not_found(id))?;
+        let job = self.find(&s, id)?;
         let mut v = json!({
             "id": id,
             "state": job.state,
@@ -364,7 +372,7 @@ impl Jobs {
     /// The result PNG, once the edit is done.
     pub fn result(&self, id: &str) -> Result<Arc<Vec<u8>>, ApiError> {
         let s = self.lock();
-        let job = s.jobs.get(id).ok_or_else(|| ApiError::not_found(id))?;
+        let job = self.find(&s, id)?;
         job.result.clone().ok_or_else(|| {
             ApiError::new(
                 StatusCode::CONFLICT,
@@ -386,7 +394,7 @@ impl Jobs {
         id: &str,
     ) -> Result<(Vec<Event>, Option<broadcast::Receiver<Event>>), ApiError> {
         let s = self.lock();
-        let job = s.jobs.get(id).ok_or_else(|| ApiError::not_found(id))?;
+        let job = self.find(&s, id)?;
         let mut snapshot = Vec::new();
         match job.state {
             State::Queued => snapshot.push(Event::Queued {

@@ -555,7 +555,7 @@ async fn bad_requests_get_400_and_413_and_the_server_goes_on() {
 
 #[tokio::test]
 async fn a_client_that_leaves_mid_run_does_not_stop_the_server_and_results_expire() {
-    let server = start(|c| c.keep_results = Duration::from_millis(800));
+    let server = start(|c| c.keep_results = Duration::from_secs(2));
     let client = reqwest::Client::new();
     let sub = submit(
         &client,
@@ -587,7 +587,7 @@ async fn a_client_that_leaves_mid_run_does_not_stop_the_server_and_results_expir
     }
     assert_eq!(state["state"], "done", "{state}");
     result_png(&client, &server, &id).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let resp = client
         .get(url(&server, &format!("/api/edits/{id}/result.png")))
         .send()
