@@ -9,6 +9,7 @@ mod backend;
 mod edit;
 mod edit_dataset;
 mod prepare_data;
+mod serve;
 mod tokenize;
 mod train;
 
@@ -35,6 +36,8 @@ enum Command {
     PrepareData(prepare_data::PrepareDataArgs),
     /// Fine-tune InstructPix2Pix on a prepared dataset.
     Train(Box<train::TrainArgs>),
+    /// Serve a web page and an HTTP API for edits (one model, a queue).
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Tokenize(args) => tokenize::run(&args),
         Command::PrepareData(args) => prepare_data::run(&args),
         Command::Train(args) => train::run(&args),
+        Command::Serve(args) => serve::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
