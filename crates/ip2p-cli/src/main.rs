@@ -6,7 +6,9 @@
 use clap::{Parser, Subcommand};
 
 mod backend;
+mod convert;
 mod edit;
+mod model_args;
 mod prepare_data;
 mod tokenize;
 mod train;
@@ -26,6 +28,8 @@ struct Cli {
 enum Command {
     /// Edit images with instructions.
     Edit(Box<edit::EditArgs>),
+    /// Convert an original single-file checkpoint (.ckpt, .safetensors) to a diffusers folder.
+    Convert(convert::ConvertArgs),
     /// Print the CLIP token ids of each prompt, one JSON array per line.
     Tokenize(tokenize::TokenizeArgs),
     /// Tokenize a dataset's edit prompts once (writes tokens.jsonl next to metadata.jsonl).
@@ -39,6 +43,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Edit(args) => edit::run(&args),
+        Command::Convert(args) => convert::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
         Command::PrepareData(args) => prepare_data::run(&args),
         Command::Train(args) => train::run(&args),

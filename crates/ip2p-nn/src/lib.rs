@@ -12,6 +12,7 @@ pub mod loader;
 pub mod norm;
 pub mod resnet;
 pub mod sampling;
+pub mod weight_file;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod weights;
@@ -23,7 +24,9 @@ pub use backend::Backend;
 pub use config::{PerBlock, read_config};
 pub use error::LoadError;
 pub use resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+pub use loader::{KeyMap, load_from as load_mapped};
 pub use sampling::{Downsample2D, Downsample2DConfig, Upsample2D, Upsample2DConfig};
+pub use weight_file::{TensorInfo, WeightFile};
 pub use weights::{
     WeightSpec, default_float_dtype, load_safetensors, load_safetensors_burn_store, weights_file,
 };
