@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use burn::tensor::DType;
 use burn_store::TensorSnapshot;
 use burn_store::pytorch::PytorchReader;
-use burn_store::pytorch::pickle_reader::{Object, PickleError, read_pickle};
+use burn_store::pytorch::lazy_data::LazyDataSource;
+use burn_store::pytorch::pickle_reader::{Object, PickleError, read_pickle_with_data};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::LoadError;
@@ -306,7 +307,13 @@ fn check_pickle_classes(path: &Path) -> Result<(), LoadError> {
         .map_err(|e| corrupt(e.to_string()))?
         .read_to_end(&mut pickle)
         .map_err(io)?;
-    let object = read_pickle(&mut std::io::Cursor::new(pickle)).map_err(|e| match e {
+    // Tensors are rebuilt against the archive's storages without reading them (lazy).
+    let source = LazyDataSource::from_zip(path).map_err(|e| corrupt(e.to_string()))?;
+    let object = read_pickle_with_data(
+        &mut std::io::Cursor::new(pickle),
+        std::sync::Arc::new(source),
+    )
+    .map_err(|e| match e {
         PickleError::UnsupportedType(class) => LoadError::PickledObject {
             path: path.to_path_buf(),
             class,

@@ -217,21 +217,19 @@ impl SingleFile {
             .iter()
             .any(|t| t.name.starts_with(EMA) && !NON_WEIGHTS.contains(&t.name.as_str()));
         self.ema = has_ema && weights == UnetWeights::Ema;
-        if self.ema {
-            // LitEma names each parameter by its module path without dots.
-            self.ema_names = self
-                .file
-                .tensors()
-                .iter()
-                .filter_map(|t| t.name.strip_prefix(UNET))
-                .map(|rest| {
-                    (
-                        format!("{EMA}diffusion_model{}", rest.replace('.', "")),
-                        rest.to_string(),
-                    )
-                })
-                .collect();
-        }
+        // LitEma names each parameter by its module path without dots.
+        self.ema_names = self
+            .file
+            .tensors()
+            .iter()
+            .filter_map(|t| t.name.strip_prefix(UNET))
+            .map(|rest| {
+                (
+                    format!("{EMA}diffusion_model{}", rest.replace('.', "")),
+                    rest.to_string(),
+                )
+            })
+            .collect();
         Ok(())
     }
 
@@ -267,12 +265,24 @@ impl SingleFile {
     fn check_keys(&self) -> Result<(), PipelineError> {
         let mut unknown = Vec::new();
         for t in self.file.tensors() {
-            match self.claim(&t.name) {
-                Err(()) => unknown.push(t.name.clone()),
-                Ok(Some((c, rest))) if self.diffusers_name(c, rest, &t.shape).is_none() => {
-                    unknown.push(t.name.clone())
+            let name = t.name.as_str();
+            // Both UNet copies are checked, whichever is loaded.
+            let known = if NON_WEIGHTS.contains(&name) {
+                true
+            } else if let Some(rest) = name.strip_prefix(UNET) {
+                unet_name(rest, &self.plan).is_some()
+            } else if name.starts_with(EMA) {
+                self.ema_names
+                    .get(name)
+                    .is_some_and(|rest| unet_name(rest, &self.plan).is_some())
+            } else {
+                match self.claim(name) {
+                    Ok(Some((c, rest))) => self.diffusers_name(c, rest, &t.shape).is_some(),
+                    _ => false,
                 }
-                Ok(_) => {}
+            };
+            if !known {
+                unknown.push(t.name.clone());
             }
         }
         if unknown.is_empty() {

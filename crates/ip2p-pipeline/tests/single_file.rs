@@ -99,8 +99,8 @@ fn compare(file: &Path, folder_variant: Option<&str>) {
     );
     assert_same(
         &format!("{what} text encoder"),
-        &ema.text.as_ref().unwrap().encoder(),
-        &folder.text.as_ref().unwrap().encoder(),
+        ema.text.as_ref().unwrap().encoder(),
+        folder.text.as_ref().unwrap().encoder(),
         false,
     );
     let raw = load(
@@ -283,7 +283,7 @@ fn unknown_tensors_are_refused_by_name() {
 #[test]
 fn a_missing_ema_tensor_is_named() {
     let path = edited("no_ema_conv_in.safetensors", |t| {
-        t.remove("model_ema.diffusion_modelinput_blocks000weight");
+        assert!(t.remove("model_ema.diffusion_modelinput_blocks00weight").is_some());
     });
     let e = Ip2pModel::<B>::load(&path, &Default::default(), &options(UnetWeights::Ema))
         .err()
