@@ -30,9 +30,11 @@ fn s(p: &Path) -> &str {
 fn edit_from_the_file_gives_the_folders_image() {
     let dir = workdir("edit");
     let input = dir.join("in.png");
-    image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([(x * 15) as u8, (y * 15) as u8, 99]))
-        .save(&input)
-        .unwrap();
+    image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb([(x * 15) as u8, (y * 15) as u8, 99])
+    })
+    .save(&input)
+    .unwrap();
     let tiny = fixtures().join("models/tiny");
     let run = |model: &Path, out: &Path, extra: &[&str]| {
         let mut args = vec![
@@ -62,7 +64,10 @@ fn edit_from_the_file_gives_the_folders_image() {
         &dir.join("file.png"),
         &["--config", s(&tiny)],
     );
-    assert!(folder == file, "the single file's edit differs from the folder's");
+    assert!(
+        folder == file,
+        "the single file's edit differs from the folder's"
+    );
     // The raw UNet copy (negated weights in the fixture) gives another image.
     let raw = run(
         &fixtures().join("single/tiny_ldm.safetensors"),

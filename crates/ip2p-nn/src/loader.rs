@@ -380,7 +380,13 @@ pub(crate) fn load<B: Backend, M: Module<B>>(
     dtype: DType,
 ) -> Result<M, LoadError> {
     let file = WeightFile::open_safetensors(path)?;
-    load_from(module, &file, &|t| Some((t.name.clone(), t.shape.clone())), spec, dtype)
+    load_from(
+        module,
+        &file,
+        &|t| Some((t.name.clone(), t.shape.clone())),
+        spec,
+        dtype,
+    )
 }
 
 /// Load `module` from the tensors of `file` that `map` claims (see [`KeyMap`]), strictly:

@@ -72,7 +72,10 @@ fn allowed_class(module: &str, name: &str) -> bool {
     matches!(
         (module, name),
         ("collections", "OrderedDict")
-            | ("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor" | "_rebuild_parameter")
+            | (
+                "torch._utils",
+                "_rebuild_tensor_v2" | "_rebuild_tensor" | "_rebuild_parameter"
+            )
             | ("torch._tensor", "_rebuild_from_type_v2")
             | ("torch", "Tensor" | "Size" | "device")
     ) || (module == "torch" && name.ends_with("Storage"))
@@ -201,7 +204,6 @@ impl WeightFile {
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
         self.index.get(name).map(|&i| &self.tensors[i])
     }
-
 
     /// Whether this is a PyTorch pickle (values are read through burn-store, with a copy).
     pub fn is_pickle(&self) -> bool {

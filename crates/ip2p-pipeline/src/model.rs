@@ -117,10 +117,10 @@ impl ModelSource {
     /// The UNet's resolved config.
     pub fn plan(&self) -> Result<ip2p_unet::UnetPlan, PipelineError> {
         match self {
-            Self::Folder(dir) => {
-                Ok(UNet2DConditionConfig::from_file(dir.join("unet").join("config.json"))?
-                    .resolve()?)
-            }
+            Self::Folder(dir) => Ok(UNet2DConditionConfig::from_file(
+                dir.join("unet").join("config.json"),
+            )?
+            .resolve()?),
             Self::File(f) => Ok(f.plan.clone()),
         }
     }

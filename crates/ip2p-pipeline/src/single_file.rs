@@ -463,12 +463,11 @@ pub fn unet_name(rest: &str, plan: &UnetPlan) -> Option<String> {
                 (Some(Slot::Down { level }), "0") => tail
                     .strip_prefix("op.")
                     .map(|p| format!("down_blocks.{level}.downsamplers.0.conv.{p}")),
-                (Some(Slot::Layer { level, layer }), "0") => {
-                    Some(format!("down_blocks.{level}.resnets.{layer}.{}", unet_resnet(tail)?))
-                }
-                (Some(Slot::Layer { level, layer }), "1")
-                    if plan.down[*level].cross_attention =>
-                {
+                (Some(Slot::Layer { level, layer }), "0") => Some(format!(
+                    "down_blocks.{level}.resnets.{layer}.{}",
+                    unet_resnet(tail)?
+                )),
+                (Some(Slot::Layer { level, layer }), "1") if plan.down[*level].cross_attention => {
                     Some(format!("down_blocks.{level}.attentions.{layer}.{tail}"))
                 }
                 _ => None,
@@ -490,7 +489,10 @@ pub fn unet_name(rest: &str, plan: &UnetPlan) -> Option<String> {
             let last = layer + 1 == up.layers && level + 1 < plan.up.len();
             let upsampler = if up.cross_attention { "2" } else { "1" };
             match b {
-                "0" => Some(format!("up_blocks.{level}.resnets.{layer}.{}", unet_resnet(tail)?)),
+                "0" => Some(format!(
+                    "up_blocks.{level}.resnets.{layer}.{}",
+                    unet_resnet(tail)?
+                )),
                 _ if last && b == upsampler && tail.starts_with("conv.") => {
                     Some(format!("up_blocks.{level}.upsamplers.0.{tail}"))
                 }
@@ -573,11 +575,16 @@ pub fn vae_name(rest: &str, levels: usize, shape: &[usize]) -> Option<(String, V
                 "block" => {
                     let (j, t) = tail.split_once('.')?;
                     let j: usize = j.parse().ok()?;
-                    same(format!("{side}.{blocks}.{level}.resnets.{j}.{}", resnet(t)?))
+                    same(format!(
+                        "{side}.{blocks}.{level}.resnets.{j}.{}",
+                        resnet(t)?
+                    ))
                 }
-                "downsample" | "upsample" if kind.starts_with(dir) => tail
-                    .strip_prefix("conv.")
-                    .and_then(|p| same(format!("{side}.{blocks}.{level}.{dir}samplers.0.conv.{p}"))),
+                "downsample" | "upsample" if kind.starts_with(dir) => {
+                    tail.strip_prefix("conv.").and_then(|p| {
+                        same(format!("{side}.{blocks}.{level}.{dir}samplers.0.conv.{p}"))
+                    })
+                }
                 _ => None,
             }
         }
@@ -663,15 +670,24 @@ impl SingleFile {
             }
         };
         let (unet, vae, _) = Preset::Sd15.configs();
-        write("model_index.json", &from_config("model_index.json", MODEL_INDEX.into())?)?;
-        write("unet/config.json", &from_config("unet/config.json", unet.into())?)?;
-        write("vae/config.json", &from_config("vae/config.json", vae.into())?)?;
+        write(
+            "model_index.json",
+            &from_config("model_index.json", MODEL_INDEX.into())?,
+        )?;
+        write(
+            "unet/config.json",
+            &from_config("unet/config.json", unet.into())?,
+        )?;
+        write(
+            "vae/config.json",
+            &from_config("vae/config.json", vae.into())?,
+        )?;
         let mut text = serde_json::to_value(&self.text_config)
             .map_err(|e| PipelineError::Input(e.to_string()))?;
         text["architectures"] = serde_json::json!(["CLIPTextModel"]);
         text["model_type"] = serde_json::json!("clip_text_model");
-        let text = serde_json::to_string_pretty(&text)
-            .map_err(|e| PipelineError::Input(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&text).map_err(|e| PipelineError::Input(e.to_string()))?;
         write(
             "text_encoder/config.json",
             &from_config("text_encoder/config.json", text)?,
@@ -690,8 +706,7 @@ impl SingleFile {
                     let entry = entry.map_err(|e| io(dir, e))?;
                     if entry.path().is_file() {
                         let to = out.join("tokenizer").join(entry.file_name());
-                        std::fs::create_dir_all(out.join("tokenizer"))
-                            .map_err(|e| io(&to, e))?;
+                        std::fs::create_dir_all(out.join("tokenizer")).map_err(|e| io(&to, e))?;
                         std::fs::copy(entry.path(), &to).map_err(|e| io(&to, e))?;
                     }
                 }
@@ -722,7 +737,12 @@ impl SingleFile {
                         .to_string(),
                     _ => name,
                 };
-                tensors.push((name, shape, self.file.tensors()[i].dtype, self.file.bytes(i)?));
+                tensors.push((
+                    name,
+                    shape,
+                    self.file.tensors()[i].dtype,
+                    self.file.bytes(i)?,
+                ));
             }
             let views = tensors
                 .iter()

@@ -90,7 +90,12 @@ fn compare(file: &Path, folder_variant: Option<&str>) {
     );
     let ema = load(file, &options(UnetWeights::Ema));
     let what = file.display().to_string();
-    assert_same(&format!("{what} unet (EMA)"), &ema.unet, &folder.unet, false);
+    assert_same(
+        &format!("{what} unet (EMA)"),
+        &ema.unet,
+        &folder.unet,
+        false,
+    );
     assert_same(
         &format!("{what} vae"),
         &ema.vae.as_ref().unwrap().model,
@@ -133,8 +138,7 @@ fn pipeline_from_the_file_matches_diffusers() {
     let options = EditOptions {
         steps: serde_json::from_value(meta["steps"].clone()).unwrap(),
         guidance_scale: serde_json::from_value(meta["guidance_scale"].clone()).unwrap(),
-        image_guidance_scale: serde_json::from_value(meta["image_guidance_scale"].clone())
-            .unwrap(),
+        image_guidance_scale: serde_json::from_value(meta["image_guidance_scale"].clone()).unwrap(),
         ..EditOptions::default()
     };
     let prompts: Vec<String> = serde_json::from_value(meta["prompts"].clone()).unwrap();
@@ -239,11 +243,11 @@ fn open_err(path: &Path) -> PipelineError {
 #[test]
 fn a_four_channel_unet_is_refused() {
     let path = edited("sd_4ch.safetensors", |t| {
-        for key in ["model.diffusion_model.input_blocks.0.0.weight"] {
-            let (shape, data) = t.get_mut(key).unwrap();
-            shape[1] = 4;
-            data.truncate(data.len() / 2);
-        }
+        let (shape, data) = t
+            .get_mut("model.diffusion_model.input_blocks.0.0.weight")
+            .unwrap();
+        shape[1] = 4;
+        data.truncate(data.len() / 2);
     });
     let e = open_err(&path);
     assert!(
@@ -276,7 +280,10 @@ fn a_cross_attention_1024_file_is_refused_as_sd2() {
 #[test]
 fn unknown_tensors_are_refused_by_name() {
     let path = edited("extra.safetensors", |t| {
-        t.insert("model.diffusion_model.extra_head.weight".into(), (vec![2], vec![0; 8]));
+        t.insert(
+            "model.diffusion_model.extra_head.weight".into(),
+            (vec![2], vec![0; 8]),
+        );
         t.insert("cond_stage_model.projection".into(), (vec![2], vec![0; 8]));
     });
     let e = open_err(&path);
@@ -292,7 +299,10 @@ fn unknown_tensors_are_refused_by_name() {
 #[test]
 fn a_missing_ema_tensor_is_named() {
     let path = edited("no_ema_conv_in.safetensors", |t| {
-        assert!(t.remove("model_ema.diffusion_modelinput_blocks00weight").is_some());
+        assert!(
+            t.remove("model_ema.diffusion_modelinput_blocks00weight")
+                .is_some()
+        );
     });
     let e = Ip2pModel::<B>::load(&path, &Default::default(), &options(UnetWeights::Ema))
         .err()
@@ -310,7 +320,10 @@ fn a_pickled_object_is_refused_by_class() {
         .expect("the pickled object was accepted");
     match &e {
         LoadError::PickledObject { class, .. } => {
-            assert_eq!(class, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")
+            assert_eq!(
+                class,
+                "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
+            )
         }
         other => panic!("{other}"),
     }
