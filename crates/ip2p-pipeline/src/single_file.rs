@@ -90,11 +90,6 @@ pub struct SingleFile {
     ema_names: HashMap<String, String>,
 }
 
-/// Whether `path` names a single-file checkpoint rather than a diffusers folder.
-pub fn is_single_file(path: &Path) -> bool {
-    path.is_file()
-}
-
 impl SingleFile {
     /// Open `path`, check what it is, and resolve the configs (built-in SD 1.5 InstructPix2Pix,
     /// or `options.config`'s folder). Nothing is loaded yet.

@@ -339,3 +339,40 @@ fn the_builtin_vocabulary_is_clips() {
     }
     assert_eq!(builtin.encode("a photo").unwrap()[..3], [49406, 320, 1125]);
 }
+
+#[test]
+fn sd15_names_match_diffusers_converter() {
+    // fixtures/single/sd15_names.json: every UNet and VAE tensor of the real SD 1.5
+    // InstructPix2Pix architecture (the built-in configs), LDM name → diffusers name, each pair
+    // checked with diffusers' convert_ldm_unet_checkpoint / convert_ldm_vae_checkpoint.
+    let text = std::fs::read_to_string(single("sd15_names.json")).unwrap();
+    let table: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let plan = ip2p_pipeline::preset::Preset::Sd15
+        .unet_config()
+        .unwrap()
+        .resolve()
+        .unwrap();
+    let unet = table["unet"].as_array().unwrap();
+    assert_eq!(unet.len(), 686);
+    for row in unet {
+        let ldm = row[0].as_str().unwrap();
+        let want = row[2].as_str().unwrap();
+        assert_eq!(
+            ip2p_pipeline::single_file::unet_name(ldm, &plan).as_deref(),
+            Some(want),
+            "{ldm}"
+        );
+    }
+    let vae = table["vae"].as_array().unwrap();
+    assert_eq!(vae.len(), 248);
+    for row in vae {
+        let ldm = row[0].as_str().unwrap();
+        let shape: Vec<usize> = serde_json::from_value(row[1].clone()).unwrap();
+        let want: Vec<usize> = serde_json::from_value(row[3].clone()).unwrap();
+        assert_eq!(
+            ip2p_pipeline::single_file::vae_name(ldm, 4, &shape),
+            Some((row[2].as_str().unwrap().to_string(), want)),
+            "{ldm}"
+        );
+    }
+}
