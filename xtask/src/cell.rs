@@ -42,7 +42,8 @@ impl PathKind {
     }
 }
 
-/// A model: a built-in preset with random weights, or a diffusers folder.
+/// A model: a built-in preset with random weights, a diffusers folder or a single-file
+/// checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
     /// Random weights drawn by Burn.
@@ -471,9 +472,14 @@ pub fn compute_savings(cells: &mut [CellResult]) {
 
 /// Whether `dir` looks like a diffusers InstructPix2Pix folder.
 pub fn check_model_dir(dir: &Path) -> Result<()> {
+    // A single-file checkpoint (instruct-pix2pix-00-22000.ckpt / .safetensors) loads with the
+    // built-in SD 1.5 InstructPix2Pix configs; Ip2pModel::load checks what it is.
+    if dir.is_file() {
+        return Ok(());
+    }
     if !dir.join("model_index.json").is_file() {
         bail!(
-            "{}: no model_index.json (expected a diffusers folder)",
+            "{}: no model_index.json (expected a diffusers folder or a single-file checkpoint)",
             dir.display()
         );
     }

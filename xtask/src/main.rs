@@ -66,7 +66,8 @@ struct BenchArgs {
     /// Default: sd15 (unless --model is given).
     #[arg(long = "preset", value_delimiter = ',')]
     presets: Vec<String>,
-    /// A diffusers InstructPix2Pix folder with real weights (repeatable).
+    /// A diffusers InstructPix2Pix folder or an original single-file checkpoint (.ckpt,
+    /// .safetensors; built-in SD 1.5 configs, EMA UNet) with real weights (repeatable).
     #[arg(long = "model")]
     models: Vec<PathBuf>,
     /// Image sizes, WxH or N (square). Default per model: sd15 256, tiny 64, folders 512.
@@ -173,6 +174,9 @@ fn bench(args: BenchArgs) -> Result<()> {
     // and saves them as a diffusers folder, which ip2p then loads too.
     let python = match args.reference.as_deref() {
         None => None,
+        Some("diffusers") if args.models.iter().any(|m| m.is_file()) => bail!(
+            "the diffusers reference loads diffusers folders: convert the single file first (`ip2p convert --checkpoint FILE --output DIR`) and pass the folder"
+        ),
         Some("diffusers") => match xtask::reference::find_python(args.python.as_deref())
             .and_then(|p| xtask::reference::check_python(&p).map(|v| (p, v)))
         {

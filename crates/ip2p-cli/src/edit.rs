@@ -1,4 +1,5 @@
-//! `ip2p edit`: edit images with instructions using a diffusers InstructPix2Pix folder.
+//! `ip2p edit`: edit images with instructions using a diffusers InstructPix2Pix folder or an
+//! original single-file checkpoint.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,7 @@ use ip2p_pipeline::{
 };
 use ip2p_sched::SchedulerKind;
 use ip2p_vae::image_io::{ResizeRule, load_image, resize_for_vae, target_size};
-use ip2p_vae::{VaeConfig, images_to_tensor, tensor_to_images};
+use ip2p_vae::{images_to_tensor, tensor_to_images};
 
 use crate::backend::{BackendKind, DTypeArg};
 
@@ -45,9 +46,13 @@ impl From<Rng> for RngKind {
 
 #[derive(Debug, Args)]
 pub struct EditArgs {
-    /// A diffusers InstructPix2Pix folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// A diffusers InstructPix2Pix folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/), or an original single-file checkpoint (instruct-pix2pix-00-22000.ckpt or its
+    /// .safetensors).
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub single: crate::model_args::SingleFileArgs,
     /// Input image (PNG, JPEG, WebP). Repeat to edit a batch; paired in order with --prompt.
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
@@ -162,17 +167,16 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
     }
     let outputs = output_paths(&args.outputs, n, decode)?;
 
-    let options = LoadOptions {
+    let options = args.single.apply(LoadOptions {
         dtype: Some(args.dtype.dtype()),
         variant: args.variant.clone(),
         half_weights: args.f16_weights.keep(),
         ..LoadOptions::default()
-    };
+    });
     // One-shot: each part is loaded for its stage and dropped after it (ip2p_pipeline::one_shot),
-    // so only the configs are read before the images.
-    ip2p_pipeline::model::check_folder(&args.model)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    let vae_config = VaeConfig::load(args.model.join("vae").join("config.json"))
+    // so only the configs (and a single file's header) are read before the images.
+    let vae_config = ip2p_pipeline::model::ModelSource::open(&args.model, &options)
+        .and_then(|source| source.vae_config())
         .with_context(|| format!("loading {}", args.model.display()))?;
     let factor = vae_config.downscale_factor() as u32;
 

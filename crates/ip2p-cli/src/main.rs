@@ -6,8 +6,10 @@
 use clap::{Parser, Subcommand};
 
 mod backend;
+mod convert;
 mod edit;
 mod edit_dataset;
+mod model_args;
 mod prepare_data;
 mod serve;
 mod tokenize;
@@ -30,6 +32,8 @@ enum Command {
     Edit(Box<edit::EditArgs>),
     /// Edit every item of a manifest (JSON Lines or Parquet), as one shard of many.
     EditDataset(Box<edit_dataset::EditDatasetArgs>),
+    /// Convert an original single-file checkpoint (.ckpt, .safetensors) to a diffusers folder.
+    Convert(convert::ConvertArgs),
     /// Print the CLIP token ids of each prompt, one JSON array per line.
     Tokenize(tokenize::TokenizeArgs),
     /// Tokenize a dataset's edit prompts once (writes tokens.jsonl next to metadata.jsonl).
@@ -46,6 +50,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Edit(args) => edit::run(&args),
         Command::EditDataset(args) => edit_dataset::run(&args),
+        Command::Convert(args) => convert::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
         Command::PrepareData(args) => prepare_data::run(&args),
         Command::Train(args) => train::run(&args),

@@ -40,6 +40,12 @@ pub enum LoadError {
         tensor: String,
         reason: String,
     },
+    /// A PyTorch pickle holds an object of a class ip2p does not unpickle (doing so would run
+    /// that class's code).
+    #[error(
+        "{path}: the checkpoint pickles a `{class}` object, which ip2p does not unpickle (it could run code); use the model's .safetensors file instead (or convert this one to .safetensors with a trusted tool)"
+    )]
+    PickledObject { path: PathBuf, class: String },
     #[error("{path}: invalid config: {reason}")]
     Config { path: PathBuf, reason: String },
 }

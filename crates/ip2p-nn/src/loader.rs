@@ -24,9 +24,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{AllocationProperty, Bool, Bytes, DType, Int, Tensor, TensorData};
 use half::{bf16, f16};
 use rayon::prelude::*;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 use crate::LoadError;
+use crate::weight_file::{Span, Storage, TensorInfo, WeightFile};
 use crate::weights::{Precision, WeightSpec, check_dtype};
 
 /// Host bytes read ahead of the mapper at most (one chunk of parameters).
@@ -37,15 +38,14 @@ const CHUNK_BYTES: usize = 256 << 20;
 struct Slot {
     path: String,
     shape: Vec<usize>,
-    /// The file key (after remapping) the values come from.
+    /// The file's name of the tensor the values come from.
     key: String,
     /// A Linear weight: the file holds it `[out, in]`.
     transpose: bool,
     /// The dtype it takes in memory: the model's, or f16 for a half weight kept as stored.
     dtype: DType,
-    /// Where its bytes are in the file, and their dtype.
-    offset: u64,
-    len: usize,
+    /// The tensor's index in the file, and its stored dtype.
+    index: usize,
     file_dtype: Dtype,
 }
 
@@ -91,9 +91,7 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
 /// The second pass: each float parameter takes its buffer, in the order the first pass saw.
 struct Fill<'a, B: Backend> {
     slots: &'a [Slot],
-    file: &'a File,
-    /// The whole file, mapped: tensors that need no conversion are views of it.
-    shared: &'a bytes::Bytes,
+    file: &'a WeightFile,
     next: usize,
     ready: VecDeque<TensorData>,
     path: Vec<String>,
@@ -110,10 +108,25 @@ impl<B: Backend> Fill<'_, B> {
             bytes += self.slots[end].shape.iter().product::<usize>() * self.slots[end].dtype.size();
             end += 1;
         }
-        let chunk: Vec<TensorData> = self.slots[self.next..end]
-            .par_iter()
-            .map(|slot| read(self.file, self.shared, slot))
-            .collect::<Result<_, _>>()?;
+        let slots = &self.slots[self.next..end];
+        let chunk: Vec<TensorData> = match &self.file.storage {
+            Storage::Mapped {
+                file,
+                shared,
+                spans,
+            } => slots
+                .par_iter()
+                .map(|slot| read(file, shared, spans[slot.index], slot, slot.dtype))
+                .collect::<Result<_, _>>()?,
+            // burn-store's pickle tensors are not thread-safe (`Rc`): one at a time.
+            Storage::Pickle { .. } => slots
+                .iter()
+                .map(|slot| {
+                    let bytes = self.file.bytes(slot.index).map_err(|e| e.to_string())?;
+                    convert(&bytes, slot, slot.dtype)
+                })
+                .collect::<Result<_, _>>()?,
+        };
         self.ready.extend(chunk);
         Ok(())
     }
@@ -173,7 +186,7 @@ impl<B: Backend> ModuleMapper<B> for Fill<'_, B> {
     }
 }
 
-/// One tensor's values in its slot's dtype, transposed if the slot says so.
+/// One tensor's values in `dtype`, transposed if the slot says so.
 ///
 /// A tensor that needs no conversion (same dtype, not a Linear weight, aligned) is a view of
 /// the memory-mapped file: no copy and no fresh memory, as diffusers' `from_pretrained` does
@@ -181,12 +194,17 @@ impl<B: Backend> ModuleMapper<B> for Fill<'_, B> {
 /// as long as the last such tensor. Others are read with `pread` into a buffer of their own
 /// size and converted (and transposed) into their final buffer: the map's pages are then not
 /// touched, so they never count in the process's resident set.
-fn read(file: &File, shared: &bytes::Bytes, slot: &Slot) -> Result<TensorData, String> {
-    let dtype = slot.dtype;
-    let io = |e: std::io::Error| format!("{}: reading {} bytes: {e}", slot.key, slot.len);
+fn read(
+    file: &File,
+    shared: &bytes::Bytes,
+    span: Span,
+    slot: &Slot,
+    dtype: DType,
+) -> Result<TensorData, String> {
+    let io = |e: std::io::Error| format!("{}: reading {} bytes: {e}", slot.key, span.len);
     let as_is = !slot.transpose
         && cfg!(target_endian = "little")
-        && slot.offset.is_multiple_of(dtype.size() as u64)
+        && span.offset.is_multiple_of(dtype.size() as u64)
         && matches!(
             (dtype, slot.file_dtype),
             (DType::F32, Dtype::F32)
@@ -195,16 +213,16 @@ fn read(file: &File, shared: &bytes::Bytes, slot: &Slot) -> Result<TensorData, S
                 | (DType::F64, Dtype::F64)
         );
     if as_is {
-        let start = slot.offset as usize;
-        let view = shared.slice(start..start + slot.len);
+        let start = span.offset as usize;
+        let view = shared.slice(start..start + span.len);
         return Ok(TensorData::from_bytes(
             Bytes::from_shared(view, AllocationProperty::File),
             slot.shape.clone(),
             dtype,
         ));
     }
-    let mut bytes = vec![0u8; slot.len];
-    read_at(file, &mut bytes, slot.offset).map_err(io)?;
+    let mut bytes = vec![0u8; span.len];
+    read_at(file, &mut bytes, span.offset).map_err(io)?;
     convert(&bytes, slot, dtype)
 }
 
@@ -351,47 +369,71 @@ fn values<T: Clone>(
     out
 }
 
+/// Renames a file's tensor for one module, or says it belongs to another (`None`): the key
+/// the module's [`WeightSpec`] then sees, and the shape to read the stored values as (the same
+/// number of elements, e.g. a 1×1 conv's `[o, i, 1, 1]` read as a Linear's `[o, i]`).
+pub type KeyMap<'a> = dyn Fn(&TensorInfo) -> Option<(String, Vec<usize>)> + 'a;
+
 pub(crate) fn load<B: Backend, M: Module<B>>(
     module: M,
     path: &Path,
     spec: &WeightSpec,
     precision: Precision,
 ) -> Result<M, LoadError> {
+    let file = WeightFile::open_safetensors(path)?;
+    load_from(
+        module,
+        &file,
+        &|t| Some((t.name.clone(), t.shape.clone())),
+        spec,
+        precision,
+    )
+}
+
+/// Load `module` from the tensors of `file` that `map` claims (see [`KeyMap`]), strictly:
+/// every claimed tensor must find its parameter and every parameter its tensor.
+pub fn load_from<B: Backend, M: Module<B>>(
+    module: M,
+    file: &WeightFile,
+    map: &KeyMap<'_>,
+    spec: &WeightSpec,
+    precision: impl Into<Precision>,
+) -> Result<M, LoadError> {
+    let precision = precision.into();
     let dtype = precision.dtype;
+    let path = file.path();
     let config_error = |reason: String| LoadError::Config {
         path: path.to_path_buf(),
         reason,
     };
     let ignored = spec.ignored().map_err(config_error)?;
     let remaps = spec.remaps().map_err(config_error)?;
-    let io = |source| LoadError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(io)?;
-    // SAFETY: a read-only map of a file we do not modify. Tensors that are views of it keep it
-    // mapped (`read`); a file truncated by another process meanwhile would fault, as with any
-    // memory-mapped weights (diffusers' safetensors loading included).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-    let st = SafeTensors::deserialize(&map).map_err(|e| LoadError::Corrupt {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
 
-    // The file's tensors by module path (remapped key) → (original key, view).
-    let mut by_key = HashMap::new();
+    // The claimed tensors by module path (remapped key) → (index in the file, shape to read).
+    let mut by_key: HashMap<String, (usize, Vec<usize>)> = HashMap::new();
     let mut original = HashMap::new();
-    for (name, view) in st.tensors() {
+    for (index, info) in file.tensors().iter().enumerate() {
+        let Some((name, shape)) = map(info) else {
+            continue;
+        };
         if ignored.iter().any(|r| r.is_match(&name)) {
             continue;
         }
-        check_dtype(path, &name, view.dtype())?;
-        let mut key = name.clone();
+        check_dtype(path, &info.name, info.dtype)?;
+        if shape.iter().product::<usize>() != info.shape.iter().product::<usize>() {
+            return Err(LoadError::ShapeMismatch {
+                path: path.to_path_buf(),
+                tensor: info.name.clone(),
+                expected: shape,
+                found: info.shape.clone(),
+            });
+        }
+        let mut key = name;
         for (from, to) in &remaps {
             key = from.replace_all(&key, to.as_str()).into_owned();
         }
-        original.insert(key.clone(), name);
-        by_key.insert(key, view);
+        original.insert(key.clone(), info.name.clone());
+        by_key.insert(key, (index, shape));
     }
 
     let mut collect = Collect::default();
@@ -430,14 +472,8 @@ pub(crate) fn load<B: Backend, M: Module<B>>(
             continue;
         };
         let transpose = linear && name == "weight" && shape.len() == 2;
-        let view = &by_key[&key];
-        // An fp16 file's Conv2d/Linear weight kept in f16 ([`Precision`]): a view of the file,
-        // or for a Linear weight its f16 transpose.
-        let keep_half = precision.half_weights
-            && (linear || conv)
-            && name == "weight"
-            && view.dtype() == Dtype::F16;
-        let mut found = view.shape().to_vec();
+        let (index, stored) = &by_key[&key];
+        let mut found = stored.clone();
         if transpose {
             found.reverse();
         }
@@ -449,17 +485,20 @@ pub(crate) fn load<B: Backend, M: Module<B>>(
                 found,
             });
         }
-        // The view's bytes lie inside the map: their distance from its start is the offset.
-        let offset = (view.data().as_ptr() as usize - map.as_ptr() as usize) as u64;
+        // An fp16 file's Conv2d/Linear weight kept in f16 ([`Precision`]): a view of the file,
+        // or for a Linear weight its f16 transpose.
+        let keep_half = precision.half_weights
+            && (linear || conv)
+            && name == "weight"
+            && file.tensors()[*index].dtype == Dtype::F16;
         slots.push(Slot {
             path: param_path,
             shape,
             transpose,
             dtype: if keep_half { DType::F16 } else { dtype },
-            offset,
-            len: view.data().len(),
-            file_dtype: view.dtype(),
-            key,
+            index: *index,
+            file_dtype: file.tensors()[*index].dtype,
+            key: original[&key].clone(),
         });
     }
     if !missing.is_empty() {
@@ -468,11 +507,11 @@ pub(crate) fn load<B: Backend, M: Module<B>>(
             keys: missing,
         });
     }
-    let used: HashSet<&str> = slots.iter().map(|s| s.key.as_str()).collect();
+    let used: HashSet<usize> = slots.iter().map(|s| s.index).collect();
     let mut unexpected: Vec<String> = by_key
-        .keys()
-        .filter(|k| !used.contains(k.as_str()))
-        .map(|k| original[k].clone())
+        .values()
+        .filter(|(i, _)| !used.contains(i))
+        .map(|(i, _)| file.tensors()[*i].name.clone())
         .collect();
     if !unexpected.is_empty() {
         unexpected.sort();
@@ -482,14 +521,9 @@ pub(crate) fn load<B: Backend, M: Module<B>>(
         });
     }
 
-    // The map now becomes shared bytes that the zero-copy tensors keep alive.
-    drop(by_key);
-    drop(st);
-    let shared = bytes::Bytes::from_owner(map);
     let mut fill = Fill::<B> {
         slots: &slots,
-        file: &file,
-        shared: &shared,
+        file,
         next: 0,
         ready: VecDeque::new(),
         path: Vec::new(),

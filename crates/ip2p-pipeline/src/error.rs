@@ -20,6 +20,9 @@ pub enum PipelineError {
     /// The folder is a diffusers pipeline, but not one InstructPix2Pix can run.
     #[error("{path}: not an InstructPix2Pix model: {reason}")]
     NotInstructPix2Pix { path: PathBuf, reason: String },
+    /// A checkpoint of another architecture (SD 2.x, SDXL).
+    #[error("{path}: not a model ip2p can run: {reason}")]
+    UnsupportedModel { path: PathBuf, reason: String },
     /// A part the request needs was not loaded (latent-only work skips the VAE).
     #[error("this request needs the {0}, which was not loaded")]
     MissingPart(&'static str),

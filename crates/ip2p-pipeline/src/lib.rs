@@ -2,7 +2,8 @@
 //!
 //! [`run_diffusion_inference_batch`] is the one denoising loop: images or image latents in,
 //! images or latents out, prompts as text, token ids or embeddings, with per-stage time and
-//! memory ([`RunReport`]). [`Ip2pModel`] loads a diffusers folder and calls it; [`edit_one_shot`]
+//! memory ([`RunReport`]). [`Ip2pModel`] loads a diffusers folder or an original single-file checkpoint
+//! ([`single_file`]) and calls it; [`edit_one_shot`]
 //! edits once from a folder, holding only the part each stage needs.
 
 pub mod batching;
@@ -13,6 +14,7 @@ pub mod model;
 pub mod one_shot;
 pub mod preset;
 pub mod report;
+pub mod single_file;
 pub mod train;
 
 pub use batching::ActivationModel;
@@ -26,3 +28,4 @@ pub use memory::{CountingAllocator, MemoryProbe, NoProbe, SampledPeak};
 pub use model::{Ip2pModel, LoadOptions, LoadTimes};
 pub use one_shot::{OneShotOutput, edit_one_shot};
 pub use report::{RunReport, Stage, StageRecord};
+pub use single_file::{SingleFile, UnetWeights};

@@ -1,4 +1,5 @@
-//! A diffusers InstructPix2Pix folder, loaded onto a device.
+//! An InstructPix2Pix model (a diffusers folder or an original single-file checkpoint),
+//! loaded onto a device.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,6 +15,7 @@ use ip2p_vae::{AutoencoderKL, VaeConfig};
 use crate::batching::ActivationModel;
 use crate::edit::{EditOutput, Prompts, RunSettings, run_diffusion_inference_batch};
 use crate::error::PipelineError;
+use crate::single_file::{SingleFile, UnetWeights};
 
 /// Which parts to load, and how.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +34,14 @@ pub struct LoadOptions {
     /// Load the tokenizer and text encoder (not needed when prompts come as embeddings).
     pub text_encoder: bool,
     pub attention: AttentionImpl,
+    /// Single-file checkpoints: which UNet copy (EMA by default, when present).
+    pub weights: UnetWeights,
+    /// Single-file checkpoints: a diffusers folder whose configs, tokenizer and scheduler
+    /// apply (diffusers' `from_single_file(config=…)`); built-in SD 1.5 InstructPix2Pix if none.
+    pub config: Option<PathBuf>,
+    /// Single-file checkpoints: a tokenizer folder instead of the built-in CLIP vocabulary
+    /// (or `config`'s `tokenizer/`).
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -43,6 +53,9 @@ impl Default for LoadOptions {
             vae: true,
             text_encoder: true,
             attention: AttentionImpl::default(),
+            weights: UnetWeights::default(),
+            config: None,
+            tokenizer: None,
         }
     }
 }
@@ -102,39 +115,114 @@ pub fn check_folder(dir: &Path) -> Result<ip2p_unet::UnetPlan, PipelineError> {
     Ok(plan)
 }
 
-/// A folder's VAE, in f32 (diffusers' advice: its decoder overflows f16).
-pub(crate) fn load_vae<B: Backend>(
-    dir: &Path,
-    device: &B::Device,
-    options: &LoadOptions,
-) -> Result<AutoencoderKL<B>, PipelineError> {
-    Ok(AutoencoderKL::load(
-        dir.join("vae"),
-        device,
-        options.precision_in::<B>(DType::F32),
-        options.variant.as_deref(),
-    )?)
+/// Where a model's weights are: a diffusers folder, or an opened single-file checkpoint.
+pub enum ModelSource {
+    Folder(PathBuf),
+    File(Box<SingleFile>),
 }
 
-/// A folder's tokenizer and text encoder, in `options.dtype`.
-pub(crate) fn load_text<B: Backend>(
-    dir: &Path,
-    device: &B::Device,
-    options: &LoadOptions,
-) -> Result<PromptEncoder<B>, PipelineError> {
-    let tokenizer = ClipTokenizer::from_dir(dir.join("tokenizer"))?;
-    let encoder = ClipTextModel::load_as(
-        dir.join("text_encoder"),
-        options.variant.as_deref(),
-        options.precision::<B>(),
-        device,
-    )?
-    .with_attention_impl(options.attention);
-    Ok(PromptEncoder::new(tokenizer, encoder, device)?)
+impl ModelSource {
+    /// A file is a single-file checkpoint (checked and mapped, nothing loaded yet); a folder
+    /// is checked with [`check_folder`].
+    pub fn open(path: &Path, options: &LoadOptions) -> Result<Self, PipelineError> {
+        if path.is_file() {
+            Ok(Self::File(Box::new(SingleFile::open(path, options)?)))
+        } else {
+            check_folder(path)?;
+            Ok(Self::Folder(path.to_path_buf()))
+        }
+    }
+
+    /// The UNet's resolved config.
+    pub fn plan(&self) -> Result<ip2p_unet::UnetPlan, PipelineError> {
+        match self {
+            Self::Folder(dir) => Ok(UNet2DConditionConfig::from_file(
+                dir.join("unet").join("config.json"),
+            )?
+            .resolve()?),
+            Self::File(f) => Ok(f.plan.clone()),
+        }
+    }
+
+    pub fn vae_config(&self) -> Result<VaeConfig, PipelineError> {
+        match self {
+            Self::Folder(dir) => Ok(VaeConfig::load(dir.join("vae").join("config.json"))?),
+            Self::File(f) => Ok(f.vae_config.clone()),
+        }
+    }
+
+    pub fn scheduler_config(&self) -> Result<SchedulerConfig, PipelineError> {
+        match self {
+            Self::Folder(dir) => Ok(SchedulerConfig::from_file(
+                dir.join("scheduler").join("scheduler_config.json"),
+            )?),
+            Self::File(f) => Ok(f.scheduler_config.clone()),
+        }
+    }
+
+    /// The UNet, in `options.dtype`.
+    pub fn load_unet<B: Backend>(
+        &self,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<UNet2DConditionModel<B>, PipelineError> {
+        let dtype = options.dtype.unwrap_or_else(default_float_dtype::<B>);
+        let unet = match self {
+            Self::Folder(dir) => UNet2DConditionModel::load(
+                dir.join("unet"),
+                options.variant.as_deref(),
+                options.precision::<B>(),
+                device,
+            )?,
+            Self::File(f) => f.load_unet(device, dtype)?,
+        };
+        Ok(unet.with_attention_impl(options.attention))
+    }
+
+    /// The VAE, in f32 (diffusers' advice: its decoder overflows f16).
+    pub fn load_vae<B: Backend>(
+        &self,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<AutoencoderKL<B>, PipelineError> {
+        match self {
+            Self::Folder(dir) => Ok(AutoencoderKL::load(
+                dir.join("vae"),
+                device,
+                options.precision_in::<B>(DType::F32),
+                options.variant.as_deref(),
+            )?),
+            Self::File(f) => f.load_vae(device, DType::F32),
+        }
+    }
+
+    /// The tokenizer and text encoder, in `options.dtype`.
+    pub fn load_text<B: Backend>(
+        &self,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<PromptEncoder<B>, PipelineError> {
+        let dtype = options.dtype.unwrap_or_else(default_float_dtype::<B>);
+        let (tokenizer, encoder) = match self {
+            Self::Folder(dir) => (
+                ClipTokenizer::from_dir(dir.join("tokenizer"))?,
+                ClipTextModel::load_as(
+                    dir.join("text_encoder"),
+                    options.variant.as_deref(),
+                    options.precision::<B>(),
+                    device,
+                )?,
+            ),
+            Self::File(f) => (f.tokenizer()?, f.load_text_encoder(device, dtype)?),
+        };
+        let encoder = encoder.with_attention_impl(options.attention);
+        Ok(PromptEncoder::new(tokenizer, encoder, device)?)
+    }
 }
 
 /// The parts of an InstructPix2Pix model.
 pub struct Ip2pModel<B: Backend> {
+    /// The folder or file it was loaded from.
     pub dir: PathBuf,
     pub unet: UNet2DConditionModel<B>,
     pub vae: Option<AutoencoderKL<B>>,
@@ -153,50 +241,55 @@ struct ModelIndex {
 }
 
 impl<B: Backend> Ip2pModel<B> {
-    /// Load a diffusers InstructPix2Pix folder (model_index.json, unet/, vae/, text_encoder/,
-    /// tokenizer/, scheduler/). A folder whose UNet does not take noise + image latents (a
-    /// 4-channel SD UNet) is refused before any weights are read.
+    /// Load an InstructPix2Pix model: a diffusers folder (model_index.json, unet/, vae/,
+    /// text_encoder/, tokenizer/, scheduler/) or an original single-file checkpoint
+    /// (`.safetensors`, `.ckpt`; see [`crate::single_file`]). A model whose UNet does not take
+    /// noise + image latents (a 4-channel SD UNet) is refused before any weights are read.
     pub fn load(
-        dir: impl AsRef<Path>,
+        path: impl AsRef<Path>,
         device: &B::Device,
         options: &LoadOptions,
     ) -> Result<Self, PipelineError> {
         let started = Instant::now();
-        let dir = dir.as_ref().to_path_buf();
-        let plan = check_folder(&dir)?;
+        let source = ModelSource::open(path.as_ref(), options)?;
+        let mut model = Self::load_from(&source, path.as_ref(), device, options)?;
+        model.load_times.total_s = started.elapsed().as_secs_f64();
+        Ok(model)
+    }
 
+    /// [`Self::load`] from an opened source (`path` names it in [`Self::dir`]).
+    pub fn load_from(
+        source: &ModelSource,
+        path: &Path,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<Self, PipelineError> {
+        let started = Instant::now();
+        let plan = source.plan()?;
         let dtype = options.dtype.unwrap_or_else(default_float_dtype::<B>);
-        let variant = options.variant.as_deref();
         let t = Instant::now();
-        let unet = UNet2DConditionModel::load(
-            dir.join("unet"),
-            variant,
-            options.precision::<B>(),
-            device,
-        )?
-        .with_attention_impl(options.attention);
+        let unet = source.load_unet(device, options)?;
         let unet_s = t.elapsed().as_secs_f64();
-        let vae_config = VaeConfig::load(dir.join("vae").join("config.json"))?;
+        let vae_config = source.vae_config()?;
         let t = Instant::now();
         let vae = if options.vae {
-            Some(load_vae(&dir, device, options)?)
+            Some(source.load_vae(device, options)?)
         } else {
             None
         };
         let vae_s = vae.as_ref().map(|_| t.elapsed().as_secs_f64());
         let t = Instant::now();
         let text = if options.text_encoder {
-            Some(load_text(&dir, device, options)?)
+            Some(source.load_text(device, options)?)
         } else {
             None
         };
         let text_s = text.as_ref().map(|_| t.elapsed().as_secs_f64());
-        let scheduler_config =
-            SchedulerConfig::from_file(dir.join("scheduler").join("scheduler_config.json"))?;
+        let scheduler_config = source.scheduler_config()?;
         let activation_model =
             ActivationModel::from_configs(&plan, &vae_config, options.vae, dtype);
         Ok(Self {
-            dir,
+            dir: path.to_path_buf(),
             unet,
             vae,
             text,

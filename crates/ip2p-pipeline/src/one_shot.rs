@@ -1,4 +1,5 @@
-//! One edit from a model folder, holding only the part each stage needs.
+//! One edit from a model folder or single-file checkpoint, holding only the part each stage
+//! needs.
 //!
 //! A process that edits once (the `ip2p edit` command) does not need the whole model at once:
 //! the text encoder is loaded, used and dropped before the VAE encodes the images; the VAE is
@@ -19,7 +20,7 @@ use ip2p_sched::SchedulerKind;
 
 use crate::edit::{Prompts, RunSettings, check_batch, encode_prompts, finite};
 use crate::error::PipelineError;
-use crate::model::{Ip2pModel, LoadOptions, LoadTimes, check_folder, load_text, load_vae};
+use crate::model::{Ip2pModel, LoadOptions, LoadTimes, ModelSource};
 use crate::report::{RunReport, Stage, Tracker};
 
 /// The result of [`edit_one_shot`]: as [`crate::EditOutput`], with what loading took.
@@ -48,7 +49,7 @@ pub fn edit_one_shot<B: Backend>(
 ) -> Result<OneShotOutput<B>, PipelineError> {
     let dir = dir.as_ref();
     let started = Instant::now();
-    check_folder(dir)?;
+    let source = ModelSource::open(dir, load)?;
     let mut times = LoadTimes::default();
     let mut tracker = Tracker::new(settings.probe, || B::memory_cleanup(device));
     let sync = || B::sync(device).map_err(|e| PipelineError::Device(e.to_string()));
@@ -62,7 +63,7 @@ pub fn edit_one_shot<B: Backend>(
         } => given,
         prompts => {
             let t = Instant::now();
-            let text = load_text(dir, device, load)?;
+            let text = source.load_text::<B>(device, load)?;
             times.text_s = Some(t.elapsed().as_secs_f64());
             let (prompt, negative) = encode_prompts(
                 &mut tracker,
@@ -85,7 +86,7 @@ pub fn edit_one_shot<B: Backend>(
         images_or_latents
     } else {
         let t = Instant::now();
-        let vae = load_vae::<B>(dir, device, load)?;
+        let vae = source.load_vae::<B>(device, load)?;
         times.vae_s = Some(t.elapsed().as_secs_f64());
         tracker.run(Stage::VaeEncode, sync, || {
             let z = vae.encode(images_or_latents)?.mode();
@@ -100,7 +101,7 @@ pub fn edit_one_shot<B: Backend>(
         text_encoder: false,
         ..load.clone()
     };
-    let model = Ip2pModel::<B>::load(dir, device, &unet_load)?;
+    let model = Ip2pModel::<B>::load_from(&source, dir, device, &unet_load)?;
     times.unet_s = model.load_times.unet_s;
     let mut sched = model.scheduler(scheduler)?;
     let run = model.edit(sched.as_mut(), latents, prompts, true, true, settings)?;
@@ -112,7 +113,7 @@ pub fn edit_one_shot<B: Backend>(
         run.output
     } else {
         let t = Instant::now();
-        let vae = load_vae::<B>(dir, device, load)?;
+        let vae = source.load_vae::<B>(device, load)?;
         times.vae_s = Some(times.vae_s.unwrap_or(0.0) + t.elapsed().as_secs_f64());
         tracker.run(Stage::VaeDecode, sync, || {
             let images = vae.decode_scaled(run.output)?;

@@ -207,7 +207,51 @@ fn build_clip(dir: &Path, cfg: &FolderConfig) -> Result<Tokenizer, TextError> {
         vocab.to_string_lossy().into_owned(),
         merges.to_string_lossy().into_owned(),
     );
-    let bpe = BPE::from_file(&vocab_s, &merges_s)
+    let bpe = BPE::from_file(&vocab_s, &merges_s);
+    assemble_clip(bpe, dir, &vocab, cfg)
+}
+
+/// CLIP's vocabulary as shipped with ip2p (`fixtures/clip-bpe`: OpenAI CLIP's BPE, MIT
+/// licence beside it), for models that come without a tokenizer folder (single-file
+/// checkpoints).
+pub const BUILTIN_VOCAB: &str = include_str!("../../../fixtures/clip-bpe/vocab.json");
+/// The merges of [`BUILTIN_VOCAB`].
+pub const BUILTIN_MERGES: &str = include_str!("../../../fixtures/clip-bpe/merges.txt");
+
+/// The built-in CLIP BPE, from the embedded vocab.json and merges.txt (parsed as
+/// `BPE::from_file` does: merges.txt's `#version` line skipped, one pair a line).
+fn builtin_clip(cfg: &FolderConfig) -> Result<Tokenizer, TextError> {
+    let source = Path::new("<built-in CLIP vocabulary>");
+    let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(BUILTIN_VOCAB)
+        .map_err(|e| tok_err(source, format!("vocab.json: {e}")))?;
+    let mut merges = Vec::new();
+    for line in BUILTIN_MERGES.lines() {
+        if line.starts_with("#version") || line.trim().is_empty() {
+            continue;
+        }
+        let (a, b) = line
+            .split_once(' ')
+            .ok_or_else(|| tok_err(source, format!("merges.txt: bad line `{line}`")))?;
+        merges.push((a.to_string(), b.to_string()));
+    }
+    let bpe = BPE::builder().vocab_and_merges(
+        vocab
+            .into_iter()
+            .collect::<tokenizers::models::bpe::Vocab>(),
+        merges,
+    );
+    assemble_clip(bpe, source, source, cfg)
+}
+
+/// transformers' CLIPTokenizer pipeline around a BPE model being built.
+fn assemble_clip(
+    bpe: tokenizers::models::bpe::BpeBuilder,
+    dir: &Path,
+    vocab: &Path,
+    cfg: &FolderConfig,
+) -> Result<Tokenizer, TextError> {
+    let vocab = vocab.to_path_buf();
+    let bpe = bpe
         .unk_token(cfg.unk.content.clone())
         .continuing_subword_prefix(String::new())
         .end_of_word_suffix("</w>".to_string())
@@ -275,6 +319,15 @@ fn build_clip(dir: &Path, cfg: &FolderConfig) -> Result<Tokenizer, TextError> {
 }
 
 impl ClipTokenizer {
+    /// CLIP's tokenizer with the vocabulary built into ip2p (49408 tokens, `<|endoftext|>`
+    /// as padding, 77 tokens): what SD 1.x's `tokenizer/` folder holds, for single-file
+    /// checkpoints, which carry no tokenizer.
+    pub fn builtin() -> Result<Self, TextError> {
+        let cfg = FolderConfig::read(Path::new("<built-in CLIP vocabulary>"))?;
+        let inner = builtin_clip(&cfg)?;
+        Self::finish(inner, &cfg, PathBuf::from("<built-in CLIP vocabulary>"))
+    }
+
     /// Load a tokenizer folder: `tokenizer.json` if present, else `vocab.json` + `merges.txt`.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self, TextError> {
         let dir = dir.as_ref();
