@@ -321,6 +321,24 @@ fn mismatched_inputs_are_errors() {
     );
 }
 
+/// Two steps of `m` on the pipeline fixture's inputs and noise (prepared with `inputs_from`).
+fn two_fixture_steps(m: &Ip2pModel<B>, inputs_from: &Ip2pModel<B>) -> Tensor<B, 4> {
+    let (fx, pixels, prompts) = inputs(inputs_from);
+    let noise = fx.tensor::<B, 4>("noise", &inputs_from.device);
+    edit(
+        m,
+        pixels,
+        prompts,
+        RunSettings {
+            options: options(2),
+            init_latents: Some(noise),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .output
+}
+
 /// The fp16 variant files load, and the UNet and text encoder run in f16 (VAE kept in f32).
 /// Two steps in f16 against f32: f16 activations carry ~1e-3 relative error per layer, so the
 /// latents agree to a few 1e-2; a wrong cast or an overflow would be off by far more or be NaN.
@@ -340,24 +358,8 @@ fn half_precision_runs_close_to_f32() {
         half.vae.as_ref().unwrap().model.dtype(),
         burn::tensor::DType::F32
     );
-    let (fx, pixels, prompts) = inputs(&f32_model);
-    let noise = fx.tensor::<B, 4>("noise", &f32_model.device);
-    let run = |m: &Ip2pModel<B>| {
-        edit(
-            m,
-            pixels.clone(),
-            prompts.clone(),
-            RunSettings {
-                options: options(2),
-                init_latents: Some(noise.clone()),
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .output
-    };
-    let reference = run(&f32_model);
-    let out = run(&half);
+    let reference = two_fixture_steps(&f32_model, &f32_model);
+    let out = two_fixture_steps(&half, &f32_model);
     assert_eq!(out.dtype(), burn::tensor::DType::F32);
     assert_close("f16 vs f32 latents", out, reference, 5e-2);
 }
@@ -393,23 +395,10 @@ fn half_weights_kept_give_the_widened_result_exactly() {
     assert!(auto.precision::<B>().half_weights);
     assert!(!LoadOptions::default().precision::<B>().half_weights);
 
-    let (fx, pixels, prompts) = inputs(&widened);
-    let noise = fx.tensor::<B, 4>("noise", &widened.device);
-    let run = |m: &Ip2pModel<B>| {
-        edit(
-            m,
-            pixels.clone(),
-            prompts.clone(),
-            RunSettings {
-                options: options(2),
-                init_latents: Some(noise.clone()),
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .output
-    };
-    let (a, b) = (run(&kept), run(&widened));
+    let (a, b) = (
+        two_fixture_steps(&kept, &widened),
+        two_fixture_steps(&widened, &widened),
+    );
     assert_eq!(
         a.to_data().as_slice::<f32>().unwrap(),
         b.to_data().as_slice::<f32>().unwrap()
