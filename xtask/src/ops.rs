@@ -995,6 +995,7 @@ mod flex {
     //! The burn and ip2p columns: one op's module and inputs on burn-flex, run either way.
 
     use burn::backend::Flex;
+    use burn::module::Param;
     use burn::nn::conv::{Conv2d, Conv2dConfig};
     use burn::nn::{
         GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig,
@@ -1049,6 +1050,17 @@ mod flex {
 
     fn randn<const D: usize>(dims: [usize; D]) -> Tensor<Flex, D> {
         Tensor::random(dims, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    /// A Linear as `ip2p_nn::load_safetensors` leaves it: the checkpoint's `[out, in]` values,
+    /// Burn's `[in, out]` shape by a transposed view (what the models run on).
+    fn as_loaded(mut linear: Linear<Flex>) -> Linear<Flex> {
+        let out_in: Tensor<Flex, 2> = Tensor::from_data(
+            linear.weight.val().transpose().to_data(),
+            &Default::default(),
+        );
+        linear.weight = Param::from_tensor(out_in.transpose());
+        linear
     }
 
     impl Prepared {
@@ -1111,9 +1123,11 @@ mod flex {
                     bias,
                     residual,
                 } => Prepared::Linear {
-                    linear: LinearConfig::new(in_features, out_features)
-                        .with_bias(bias)
-                        .init(&device),
+                    linear: as_loaded(
+                        LinearConfig::new(in_features, out_features)
+                            .with_bias(bias)
+                            .init(&device),
+                    ),
                     x: randn([batch, tokens, in_features]),
                     r: residual.then(|| randn([batch, tokens, out_features])),
                 },
@@ -1123,7 +1137,7 @@ mod flex {
                     in_features,
                     inner,
                 } => Prepared::Geglu {
-                    proj: LinearConfig::new(in_features, 2 * inner).init(&device),
+                    proj: as_loaded(LinearConfig::new(in_features, 2 * inner).init(&device)),
                     x: randn([batch, tokens, in_features]),
                 },
                 Op::Attention {

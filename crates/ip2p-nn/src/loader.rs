@@ -5,11 +5,12 @@
 //! copies for 3.4 GB, and a process peak well above the weights. Here a module is walked twice
 //! with Burn's visitor and mapper (same order): the first pass lists every float parameter
 //! (path, shape, the layer it belongs to) and checks the file against it; the second gives
-//! each parameter its values. A tensor stored as the model wants it is a view of the
-//! memory-mapped file (no copy); one that needs a cast, or a Linear weight (`[out, in]` in
-//! PyTorch, `[in, out]` in Burn), is read once and converted and transposed into its final
-//! buffer ([`read`]). Those are made a chunk at a time, in parallel, so a GPU backend holds
-//! at most one chunk on the host before uploading it.
+//! each parameter its values. A tensor in the dtype the model wants is a view of the
+//! memory-mapped file (no copy); one that needs a cast is read once and converted into its
+//! final buffer ([`read`]). A Linear weight (`[out, in]` in PyTorch, `[in, out]` in Burn) keeps
+//! the file's order and becomes Burn's shape as a transposed view (strides, no copy): the CPU
+//! kernels and the GPU matmuls read it through its strides. Buffers are made a chunk at a
+//! time, in parallel, so a GPU backend holds at most one chunk on the host before uploading it.
 //!
 //! Naming follows burn-store's `PyTorchToBurnAdapter`, which the models were written against:
 //! a parameter's path is its module path (enum variants included), a norm's `gamma`/`beta`
@@ -93,7 +94,8 @@ struct Fill<'a, B: Backend> {
     slots: &'a [Slot],
     file: &'a WeightFile,
     next: usize,
-    ready: VecDeque<TensorData>,
+    /// Values in file order, and whether the parameter is their transpose.
+    ready: VecDeque<(TensorData, bool)>,
     path: Vec<String>,
     error: Option<String>,
     _backend: std::marker::PhantomData<B>,
@@ -109,21 +111,26 @@ impl<B: Backend> Fill<'_, B> {
             end += 1;
         }
         let slots = &self.slots[self.next..end];
-        let chunk: Vec<TensorData> = match &self.file.storage {
+        let chunk: Vec<(TensorData, bool)> = match &self.file.storage {
             Storage::Mapped {
                 file,
                 shared,
                 spans,
             } => slots
                 .par_iter()
-                .map(|slot| read(file, shared, spans[slot.index], slot, slot.dtype))
+                .map(|slot| {
+                    Ok::<_, String>((read(file, shared, spans[slot.index], slot)?, slot.transpose))
+                })
                 .collect::<Result<_, _>>()?,
             // burn-store's pickle tensors are not thread-safe (`Rc`): one at a time.
             Storage::Pickle { .. } => slots
                 .iter()
                 .map(|slot| {
                     let bytes = self.file.bytes(slot.index).map_err(|e| e.to_string())?;
-                    convert(&bytes, slot, slot.dtype)
+                    Ok::<_, String>((
+                        convert(&bytes, slot, file_shape(slot), slot.dtype)?,
+                        slot.transpose,
+                    ))
                 })
                 .collect::<Result<_, _>>()?,
         };
@@ -164,11 +171,20 @@ impl<B: Backend> ModuleMapper<B> for Fill<'_, B> {
             self.error = Some(e);
             return param;
         }
-        let data = self.ready.pop_front().expect("read_ahead filled the queue");
+        let (data, transpose) = self.ready.pop_front().expect("read_ahead filled the queue");
         self.next += 1;
         let id = param.id;
         let device = param.lazy_device();
-        param.transform_for_load(Tensor::from_data(data, (&device, dtype)), id)
+        let tensor = Tensor::from_data(data, (&device, dtype));
+        let tensor = match (transpose, B::ad_enabled(&device)) {
+            (false, _) => tensor,
+            (true, false) => tensor.transpose(),
+            // A model loaded to be trained gets Burn's contiguous layout, the one every
+            // parameter has after an optimiser step: gemm rounds differently through strides,
+            // and a resumed run must match an uninterrupted one bit for bit.
+            (true, true) => Tensor::from_data(tensor.transpose().into_data(), (&device, dtype)),
+        };
+        param.transform_for_load(tensor, id)
     }
 
     fn map_int<const D: usize>(
@@ -186,24 +202,19 @@ impl<B: Backend> ModuleMapper<B> for Fill<'_, B> {
     }
 }
 
-/// One tensor's values in `dtype`, transposed if the slot says so.
+/// One tensor's values in its slot's dtype, in the file's order and shape.
 ///
-/// A tensor that needs no conversion (same dtype, not a Linear weight, aligned) is a view of
+/// A tensor that needs no conversion (same dtype, aligned) is a view of
 /// the memory-mapped file: no copy and no fresh memory, as diffusers' `from_pretrained` does
 /// with safetensors. Burn's shared bytes copy it on first write (training), and the map lives
 /// as long as the last such tensor. Others are read with `pread` into a buffer of their own
-/// size and converted (and transposed) into their final buffer: the map's pages are then not
+/// size and converted into their final buffer: the map's pages are then not
 /// touched, so they never count in the process's resident set.
-fn read(
-    file: &File,
-    shared: &bytes::Bytes,
-    span: Span,
-    slot: &Slot,
-    dtype: DType,
-) -> Result<TensorData, String> {
+fn read(file: &File, shared: &bytes::Bytes, span: Span, slot: &Slot) -> Result<TensorData, String> {
+    let dtype = slot.dtype;
     let io = |e: std::io::Error| format!("{}: reading {} bytes: {e}", slot.key, span.len);
-    let as_is = !slot.transpose
-        && cfg!(target_endian = "little")
+    let shape = file_shape(slot);
+    let as_is = cfg!(target_endian = "little")
         && span.offset.is_multiple_of(dtype.size() as u64)
         && matches!(
             (dtype, slot.file_dtype),
@@ -217,13 +228,23 @@ fn read(
         let view = shared.slice(start..start + span.len);
         return Ok(TensorData::from_bytes(
             Bytes::from_shared(view, AllocationProperty::File),
-            slot.shape.clone(),
+            shape,
             dtype,
         ));
     }
     let mut bytes = vec![0u8; span.len];
     read_at(file, &mut bytes, span.offset).map_err(io)?;
-    convert(&bytes, slot, dtype)
+    convert(&bytes, slot, shape, dtype)
+}
+
+/// The shape the file stores a slot's values in: a Linear weight's `[out, in]`, which the
+/// parameter sees through a transposed view.
+fn file_shape(slot: &Slot) -> Vec<usize> {
+    let mut shape = slot.shape.clone();
+    if slot.transpose {
+        shape.reverse();
+    }
+    shape
 }
 
 #[cfg(unix)]
@@ -239,9 +260,9 @@ fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     f.read_exact(buf)
 }
 
-/// The file's bytes of one tensor, converted to `dtype` and transposed if the slot says so.
-fn convert(src: &[u8], slot: &Slot, dtype: DType) -> Result<TensorData, String> {
-    let n: usize = slot.shape.iter().product();
+/// The file's bytes of one tensor (of `shape`), converted to `dtype`.
+fn convert(src: &[u8], slot: &Slot, shape: Vec<usize>, dtype: DType) -> Result<TensorData, String> {
+    let n: usize = shape.iter().product();
     let width = match slot.file_dtype {
         Dtype::F32 => 4,
         Dtype::F16 | Dtype::BF16 => 2,
@@ -256,117 +277,52 @@ fn convert(src: &[u8], slot: &Slot, dtype: DType) -> Result<TensorData, String> 
             slot.file_dtype
         ));
     }
-    // A transposed `[in, out]` result reads the file's `[out, in]` column by column.
-    let (rows, cols) = match (slot.transpose, slot.shape.as_slice()) {
-        (true, &[i, o]) => (i, o),
-        _ => (1, n),
-    };
-    let t = slot.transpose;
     let file = slot.file_dtype;
-    let shape = slot.shape.clone();
     Ok(match (dtype, file) {
         // Same dtype: the bits as they are (exact, NaN payloads included).
-        (DType::F16, Dtype::F16) => TensorData::new(
-            values(src, 2, n, t, rows, cols, |b| {
-                f16::from_le_bytes([b[0], b[1]])
-            }),
-            shape,
-        ),
-        (DType::BF16, Dtype::BF16) => TensorData::new(
-            values(src, 2, n, t, rows, cols, |b| {
-                bf16::from_le_bytes([b[0], b[1]])
-            }),
-            shape,
-        ),
+        (DType::F16, Dtype::F16) => {
+            TensorData::new(values(src, 2, |b| f16::from_le_bytes([b[0], b[1]])), shape)
+        }
+        (DType::BF16, Dtype::BF16) => {
+            TensorData::new(values(src, 2, |b| bf16::from_le_bytes([b[0], b[1]])), shape)
+        }
         (DType::F64, Dtype::F64) => TensorData::new(
-            values(src, 8, n, t, rows, cols, |b| {
+            values(src, 8, |b| {
                 f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
             }),
             shape,
         ),
         // Otherwise through f32, as Burn's `convert_dtype` does (f16/bf16 → f32 is exact).
-        (DType::F32, _) => TensorData::new(through_f32(src, n, t, rows, cols, file, |x| x), shape),
-        (DType::F16, _) => TensorData::new(
-            through_f32(src, n, t, rows, cols, file, f16::from_f32),
-            shape,
-        ),
-        (DType::BF16, _) => TensorData::new(
-            through_f32(src, n, t, rows, cols, file, bf16::from_f32),
-            shape,
-        ),
-        (DType::F64, _) => TensorData::new(
-            through_f32(src, n, t, rows, cols, file, |x| x as f64),
-            shape,
-        ),
+        (DType::F32, _) => TensorData::new(through_f32(src, file, |x| x), shape),
+        (DType::F16, _) => TensorData::new(through_f32(src, file, f16::from_f32), shape),
+        (DType::BF16, _) => TensorData::new(through_f32(src, file, bf16::from_f32), shape),
+        (DType::F64, _) => TensorData::new(through_f32(src, file, |x| x as f64), shape),
         (other, _) => return Err(format!("{}: cannot load into {other:?}", slot.key)),
     })
 }
 
-/// [`values`] decoded to f32 from the file's dtype, then encoded by `encode`; every pair of
-/// dtypes is its own loop (the f16 → f32 widening of an fp16 variant is the common one).
-fn through_f32<T: Clone>(
-    src: &[u8],
-    n: usize,
-    t: bool,
-    rows: usize,
-    cols: usize,
-    file: Dtype,
-    encode: impl Fn(f32) -> T,
-) -> Vec<T> {
+/// `src` decoded to f32 from the file's dtype, then encoded by `encode`; every pair of dtypes
+/// is its own loop (the f16 → f32 widening of an fp16 variant is the common one).
+fn through_f32<T>(src: &[u8], file: Dtype, encode: impl Fn(f32) -> T) -> Vec<T> {
     match file {
-        Dtype::F32 => values(src, 4, n, t, rows, cols, |b| {
+        Dtype::F32 => values(src, 4, |b| {
             encode(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         }),
-        Dtype::F16 => values(src, 2, n, t, rows, cols, |b| {
+        Dtype::F16 => values(src, 2, |b| {
             encode(f16::from_le_bytes([b[0], b[1]]).to_f32())
         }),
-        Dtype::BF16 => values(src, 2, n, t, rows, cols, |b| {
+        Dtype::BF16 => values(src, 2, |b| {
             encode(bf16::from_le_bytes([b[0], b[1]]).to_f32())
         }),
-        _ => values(src, 8, n, t, rows, cols, |b| {
+        _ => values(src, 8, |b| {
             encode(f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
         }),
     }
 }
 
-/// The `n` values of `src` (elements of `width` bytes) decoded, in file order or, transposed,
-/// as the `[rows, cols]` transpose of the file's `[cols, rows]`.
-fn values<T: Clone>(
-    src: &[u8],
-    width: usize,
-    n: usize,
-    transpose: bool,
-    rows: usize,
-    cols: usize,
-    decode: impl Fn(&[u8]) -> T,
-) -> Vec<T> {
-    if !transpose {
-        return src.chunks_exact(width).map(decode).collect();
-    }
-    // Square tiles, so both the file's rows and the result's rows are read and written a cache
-    // line at a time rather than one element per line.
-    const TILE: usize = 32;
-    if n == 0 {
-        return Vec::new();
-    }
-    let mut out = vec![decode(&src[..width]); n];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                let row = &mut out[r * cols..(r + 1) * cols];
-                for (c, v) in row
-                    .iter_mut()
-                    .enumerate()
-                    .take((c0 + TILE).min(cols))
-                    .skip(c0)
-                {
-                    let j = (c * rows + r) * width;
-                    *v = decode(&src[j..j + width]);
-                }
-            }
-        }
-    }
-    out
+/// The values of `src` (elements of `width` bytes) decoded, in file order.
+fn values<T>(src: &[u8], width: usize, decode: impl Fn(&[u8]) -> T) -> Vec<T> {
+    src.chunks_exact(width).map(decode).collect()
 }
 
 /// Renames a file's tensor for one module, or says it belongs to another (`None`): the key
@@ -485,8 +441,8 @@ pub fn load_from<B: Backend, M: Module<B>>(
                 found,
             });
         }
-        // An fp16 file's Conv2d/Linear weight kept in f16 ([`Precision`]): a view of the file,
-        // or for a Linear weight its f16 transpose.
+        // An fp16 file's Conv2d/Linear weight kept in f16 ([`Precision`]): a view of the file
+        // (a Linear weight's through its transposed view, as in f32).
         let keep_half = precision.half_weights
             && (linear || conv)
             && name == "weight"

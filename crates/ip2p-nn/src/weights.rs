@@ -190,8 +190,9 @@ impl From<DType> for Precision {
 ///
 /// F32, F16, BF16 and F64 files load into a model of any float dtype. The file is
 /// memory-mapped: a tensor stored as the model wants it is a view of the map, others are
-/// copied once into their final buffer (converted and, for a Linear weight, transposed on the
-/// way), several at a time; no parameter is initialised first. See [`crate::loader`].
+/// copied once into their final buffer (converted), several at a time; a Linear weight keeps
+/// the file's `[out, in]` order under a transposed view; no parameter is initialised first.
+/// See [`crate::loader`].
 ///
 /// Errors: the file is missing or unreadable, not safetensors, truncated, holds a tensor of
 /// an unsupported dtype, lacks a tensor the module needs, holds one the module has no place
