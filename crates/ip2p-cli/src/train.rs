@@ -8,14 +8,14 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use ip2p_nn::AutodiffBackend;
 use ip2p_pipeline::EditOptions;
-use ip2p_pipeline::train::data::{BadRows, Dataset, load_rows};
-use ip2p_pipeline::train::optim::AdamWSettings;
-use ip2p_pipeline::train::{
+use ip2p_sched::SchedulerConfig;
+use ip2p_text::PromptEncoder;
+use ip2p_train::data::{BadRows, Dataset, load_rows};
+use ip2p_train::optim::AdamWSettings;
+use ip2p_train::{
     Autodiff, BalancedCheckpointing, Frozen, TrainConfig, Trainer, Validation, latest_checkpoint,
     load_unet_for_training,
 };
-use ip2p_sched::SchedulerConfig;
-use ip2p_text::PromptEncoder;
 use ip2p_vae::AutoencoderKL;
 
 use crate::backend::BackendKind;
@@ -232,14 +232,14 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
     // Final export: the EMA model when there is one, as diffusers' script saves it.
     let final_dir = args.output.join("unet");
     match &trainer.ema {
-        Some(ema) => ip2p_pipeline::train::export_unet_diffusers(
+        Some(ema) => ip2p_train::export_unet_diffusers(
             &ema.model,
             &unet_dir.join("config.json"),
             &final_dir,
         )?,
         None => {
             use burn::module::AutodiffModule;
-            ip2p_pipeline::train::export_unet_diffusers(
+            ip2p_train::export_unet_diffusers(
                 &trainer.unet.valid(),
                 &unet_dir.join("config.json"),
                 &final_dir,

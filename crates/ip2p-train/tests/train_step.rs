@@ -8,12 +8,10 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Tensor, TensorData};
 use ip2p_nn::testing::{Fixture, assert_close, fixtures_dir};
-use ip2p_pipeline::train::optim::{
-    AdamW, AdamWSettings, global_grad_norm, named_grads, named_params,
-};
-use ip2p_pipeline::train::*;
 use ip2p_sched::{Ddpm, PredictionType, SchedulerConfig};
 use ip2p_text::PromptEncoder;
+use ip2p_train::optim::{AdamW, AdamWSettings, global_grad_norm, named_grads, named_params};
+use ip2p_train::*;
 use ip2p_unet::UNet2DConditionModel;
 use ip2p_vae::AutoencoderKL;
 
@@ -382,7 +380,7 @@ fn accumulated_micro_batches_give_the_batch_gradient() {
 
 #[test]
 fn ema_follows_diffusers_decay_schedule() {
-    use ip2p_pipeline::train::optim::Ema;
+    use ip2p_train::optim::Ema;
     use std::collections::BTreeMap;
     let dev = Default::default();
     let linear = burn::nn::LinearConfig::new(2, 1).init::<I>(&dev);

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::time::Duration;
+
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{DType, ElementConversion};
@@ -11,13 +13,14 @@ use ip2p_nn::AutodiffBackend;
 use ip2p_sched::{Ddpm, PredictionType, SchedulerConfig};
 use ip2p_unet::UNet2DConditionModel;
 
-use super::TrainError;
-use super::checkpoint::{CheckpointParts, TrainState, load_checkpoint, save_checkpoint};
-use super::data::{BadRows, BatchLoader, DataOrder, Dataset};
-use super::optim::{AdamW, AdamWSettings, Ema, named_params};
-use super::rng::SplitMix;
-use super::step::{Frozen, StepConfig, StepDraws, training_loss};
-use super::validate::{Validation, ValidationResult, validate};
+use crate::TrainError;
+use crate::checkpoint::{CheckpointParts, TrainState, load_checkpoint, save_checkpoint};
+use crate::collective::{Collective, Fingerprint};
+use crate::data::{BadRows, BatchLoader, DataOrder, Dataset, Shard};
+use crate::optim::{AdamW, AdamWSettings, Ema, named_grads, named_params};
+use crate::rng::item_seed;
+use crate::step::{Frozen, StepConfig, StepDraws, training_loss};
+use crate::validate::{Validation, ValidationResult, validate};
 
 /// The run's settings (diffusers' script's flags).
 #[derive(Debug, Clone)]
@@ -65,11 +68,13 @@ impl Default for TrainConfig {
 pub struct StepReport {
     pub step: usize,
     pub max_steps: usize,
-    /// Mean loss over the accumulated micro-batches.
+    /// Mean loss over the accumulated micro-batches (and the ranks).
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
     pub seconds: f64,
+    /// Of `seconds`, the time in the gradient all-reduce (0 on one process).
+    pub all_reduce_seconds: f64,
     pub checkpoint: Option<PathBuf>,
     pub validation: Option<ValidationResult>,
     /// Rows skipped so far.
@@ -87,6 +92,8 @@ pub struct Trainer<A: AutodiffBackend> {
     pub optimizer: AdamW<A::InnerBackend>,
     pub ema: Option<Ema<A::InnerBackend, UNet2DConditionModel<A::InnerBackend>>>,
     pub order: DataOrder,
+    /// The data-parallel collective; None: one process.
+    pub collective: Option<Collective<A::InnerBackend>>,
     pub step: usize,
     pub config: TrainConfig,
     /// The source model's `unet/config.json` (for exports).
@@ -95,7 +102,7 @@ pub struct Trainer<A: AutodiffBackend> {
 }
 
 impl<A: AutodiffBackend> Trainer<A> {
-    /// Start a run: `unet` must take 8 channels (see [`super::widen_conv_in`]).
+    /// Start a run: `unet` must take 8 channels (see [`crate::widen_conv_in`]).
     pub fn new(
         unet: UNet2DConditionModel<A>,
         frozen: Frozen<A::InnerBackend>,
@@ -121,6 +128,7 @@ impl<A: AutodiffBackend> Trainer<A> {
         Ok(Self {
             optimizer: AdamW::new(config.adamw),
             order: DataOrder::new(config.seed),
+            collective: None,
             unet,
             frozen,
             scheduler,
@@ -141,7 +149,21 @@ impl<A: AutodiffBackend> Trainer<A> {
         self.optimizer.exp_avg_sq = loaded.exp_avg_sq;
         self.optimizer.steps = loaded.state.step;
         self.step = loaded.state.step;
-        self.order = loaded.state.data_order;
+        let shard = self.shard();
+        if loaded.state.world_size != shard.world {
+            return Err(TrainError::Checkpoint {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "written by a run of {} processes; resuming with {} is not supported (each \
+                     rank's place in the data is part of the checkpoint)",
+                    loaded.state.world_size, shard.world
+                ),
+            });
+        }
+        self.order = match loaded.state.rank_data_orders.get(shard.rank) {
+            Some(o) if shard.world > 1 => *o,
+            _ => loaded.state.data_order,
+        };
         if let (Some(ema), Some(model)) = (self.ema.as_mut(), loaded.ema) {
             ema.model = model;
             ema.steps = loaded.state.ema_steps.unwrap_or(loaded.state.step);
@@ -152,7 +174,79 @@ impl<A: AutodiffBackend> Trainer<A> {
         Ok(())
     }
 
-    fn state(&self) -> TrainState {
+    /// Join a data-parallel run: from now on gradients are averaged over the ranks and this
+    /// process takes its share of the data. Call after [`Self::resume`]: it checks that all
+    /// ranks hold the same weights, optimiser step, settings and data listing.
+    pub fn attach(
+        &mut self,
+        collective: Collective<A::InnerBackend>,
+        data: &Dataset,
+    ) -> Result<(), TrainError> {
+        let mut weights = Fingerprint::default();
+        for (path, t) in named_params(&self.unet.valid()) {
+            weights.add(path.as_bytes());
+            weights.add(t.into_data().as_bytes());
+        }
+        let mut settings = Fingerprint::default();
+        let c = &self.config;
+        settings.add(
+            format!(
+                "{} {} {} {} {:?} {:?} {} {} {} {} {} {:?} {:?}",
+                c.resolution,
+                c.batch_size,
+                c.gradient_accumulation,
+                c.max_steps,
+                c.adamw,
+                c.ema_decay,
+                c.conditioning_dropout,
+                c.random_flip,
+                c.seed,
+                c.checkpoint_every,
+                self.step,
+                self.order.epoch,
+                self.prediction_type,
+            )
+            .as_bytes(),
+        );
+        let mut rows = Fingerprint::default();
+        for r in &data.rows {
+            rows.add(
+                format!(
+                    "{} {} {} {:?}",
+                    r.row, r.input_image, r.edited_image, r.input_ids
+                )
+                .as_bytes(),
+            );
+        }
+        collective.check_same(
+            &[
+                ("UNet weights", weights.value()),
+                ("training settings and step", settings.value()),
+                ("dataset (tokens.jsonl)", rows.value()),
+            ],
+            &self.device,
+        )?;
+        self.collective = Some(collective);
+        Ok(())
+    }
+
+    /// This process's share of the data.
+    pub fn shard(&self) -> Shard {
+        match &self.collective {
+            Some(c) => Shard {
+                rank: c.rank(),
+                world: c.world(),
+            },
+            None => Shard::SINGLE,
+        }
+    }
+
+    /// Whether this process writes checkpoints, exports and validation (rank 0).
+    pub fn is_main(&self) -> bool {
+        self.shard().rank == 0
+    }
+
+    fn state(&self, rank_data_orders: Vec<DataOrder>) -> TrainState {
         TrainState {
             step: self.step,
             ema_steps: self.ema.as_ref().map(|e| e.steps),
@@ -160,11 +254,42 @@ impl<A: AutodiffBackend> Trainer<A> {
             data_order: self.order,
             adamw: self.optimizer.settings,
             seed: self.config.seed,
+            world_size: self.shard().world,
+            rank_data_orders,
         }
     }
 
-    /// Write a checkpoint of the current state under the output folder.
-    pub fn save(&self) -> Result<PathBuf, TrainError> {
+    /// Every rank's data order (all ranks call this together); on one process, its own.
+    fn gather_orders(&self) -> Result<Vec<DataOrder>, TrainError> {
+        let Some(c) = &self.collective else {
+            return Ok(Vec::new());
+        };
+        let fit = |v: usize| {
+            u32::try_from(v)
+                .ok()
+                .filter(|&v| v < 1 << 24)
+                .ok_or_else(|| TrainError::Input(format!("data position {v} too large to share")))
+        };
+        let mine = [fit(self.order.epoch)?, fit(self.order.position)?];
+        let all = c.gather(&mine, "sharing the ranks' data positions", &self.device)?;
+        Ok(all
+            .into_iter()
+            .map(|v| DataOrder {
+                seed: self.order.seed,
+                epoch: v[0] as usize,
+                position: v[1] as usize,
+            })
+            .collect())
+    }
+
+    /// Write a checkpoint of the current state under the output folder. In a data-parallel
+    /// run every rank calls it (they share their data positions) and rank 0 writes; the
+    /// others get None.
+    pub fn save(&self) -> Result<Option<PathBuf>, TrainError> {
+        let orders = self.gather_orders()?;
+        if !self.is_main() {
+            return Ok(None);
+        }
         let unet = self.unet.valid();
         save_checkpoint(
             &self.config.output,
@@ -173,10 +298,11 @@ impl<A: AutodiffBackend> Trainer<A> {
                 ema: self.ema.as_ref().map(|e| &e.model),
                 exp_avg: &self.optimizer.exp_avg,
                 exp_avg_sq: &self.optimizer.exp_avg_sq,
-                state: &self.state(),
+                state: &self.state(orders),
                 unet_config: &self.unet_config,
             },
         )
+        .map(Some)
     }
 
     /// One optimiser step: `gradient_accumulation` micro-batches of `batch_size` pairs.
@@ -188,26 +314,30 @@ impl<A: AutodiffBackend> Trainer<A> {
             conditioning_dropout: self.config.conditioning_dropout,
             prediction_type: self.prediction_type,
         };
+        let shard = self.shard();
+        let b = self.config.batch_size;
         let mut accumulator = GradientsAccumulator::<UNet2DConditionModel<A>>::new();
         let mut loss_sum = 0.0;
         for micro in 0..n {
-            let seed = self
-                .config
-                .seed
-                .wrapping_mul(0x2545_F491_4F6C_DD1D)
-                .wrapping_add((self.step * n + micro) as u64);
-            let mut rng = SplitMix::new(seed);
-            let batch = loader.next_batch::<A::InnerBackend>(
-                &mut self.order,
-                self.config.batch_size,
-                &mut rng,
-                &self.device,
-            )?;
-            let [b, _, h, w] = batch.edited.dims();
+            // Item k of rank r is item k·N + r of the global batch: its draws are those of a
+            // single process running the global batch.
+            let seeds: Vec<u64> = (0..b)
+                .map(|k| {
+                    item_seed(
+                        self.config.seed,
+                        self.step,
+                        micro,
+                        k * shard.world + shard.rank,
+                    )
+                })
+                .collect();
+            let batch =
+                loader.next_batch::<A::InnerBackend>(&mut self.order, &seeds, &self.device)?;
+            let [_, _, h, w] = batch.edited.dims();
             let f = self.frozen.vae.downscale_factor();
-            let latent = [b, self.frozen.vae.config.latent_channels, h / f, w / f];
+            let latent = [self.frozen.vae.config.latent_channels, h / f, w / f];
             let train_steps = self.scheduler.config().num_train_timesteps;
-            let draws = StepDraws::draw(seed, latent, train_steps, &self.device);
+            let draws = StepDraws::draw_items(&seeds, latent, train_steps, &self.device);
             let (loss, _) = training_loss(
                 &self.unet,
                 &self.frozen,
@@ -216,21 +346,30 @@ impl<A: AutodiffBackend> Trainer<A> {
                 &batch,
                 &draws,
             )?;
-            let value: f64 = loss.clone().into_scalar().elem::<f64>();
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step: self.step + 1,
-                    loss: value,
-                });
-            }
-            loss_sum += value;
+            // A non-finite loss stops the run after the all-reduce, on every rank together.
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
             // accelerate divides the loss by the accumulation steps before backward.
             let grads = loss.div_scalar(n as f64).backward();
             accumulator.accumulate(&self.unet, GradientsParams::from_grads(grads, &self.unet));
         }
         let grads = accumulator.grads();
+        let named = named_grads::<A, _>(&self.unet, &grads);
+        let (named, loss, all_reduce) = match &self.collective {
+            Some(c) => {
+                let (named, extra, t) =
+                    c.mean_gradients(self.step + 1, named, &[loss_sum / n as f64])?;
+                (named, extra.first().copied().unwrap_or(f64::NAN), t)
+            }
+            None => (named, loss_sum / n as f64, Duration::ZERO),
+        };
+        if !loss.is_finite() {
+            return Err(TrainError::NonFinite {
+                step: self.step + 1,
+                loss,
+            });
+        }
         let unet = self.unet.clone();
-        let (unet, info) = self.optimizer.step(unet, grads);
+        let (unet, info) = self.optimizer.step_named::<A, _>(unet, named);
         self.unet = unet;
         if let Some(ema) = self.ema.as_mut() {
             ema.update(&named_params(&self.unet.valid()));
@@ -239,10 +378,11 @@ impl<A: AutodiffBackend> Trainer<A> {
         Ok(StepReport {
             step: self.step,
             max_steps: self.config.max_steps,
-            loss: loss_sum / n as f64,
+            loss,
             lr: info.lr,
             grad_norm: info.grad_norm,
             seconds: start.elapsed().as_secs_f64(),
+            all_reduce_seconds: all_reduce.as_secs_f64(),
             checkpoint: None,
             validation: None,
             skipped_rows: loader.skipped.len(),
@@ -264,6 +404,7 @@ impl<A: AutodiffBackend> Trainer<A> {
             resolution: self.config.resolution,
             random_flip: self.config.random_flip,
             bad_rows: self.config.bad_rows,
+            shard: self.shard(),
             skipped: Vec::new(),
         };
         while self.step < self.config.max_steps {
@@ -271,6 +412,7 @@ impl<A: AutodiffBackend> Trainer<A> {
             let last = self.step == self.config.max_steps;
             let every = |k: usize| k > 0 && self.step.is_multiple_of(k);
             if let Some(v) = validation
+                && self.is_main()
                 && every(self.config.validate_every)
             {
                 let model = match &self.ema {
@@ -287,7 +429,7 @@ impl<A: AutodiffBackend> Trainer<A> {
                 )?);
             }
             if every(self.config.checkpoint_every) || last {
-                report.checkpoint = Some(self.save()?);
+                report.checkpoint = self.save()?;
             }
             on_step(&report);
         }

@@ -22,9 +22,9 @@ use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
 use ip2p_nn::Backend;
 use ip2p_unet::UNet2DConditionModel;
 
-use super::TrainError;
-use super::data::DataOrder;
-use super::optim::AdamWSettings;
+use crate::TrainError;
+use crate::data::DataOrder;
+use crate::optim::AdamWSettings;
 
 /// The scalar part of a checkpoint.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -36,6 +36,17 @@ pub struct TrainState {
     pub data_order: DataOrder,
     pub adamw: AdamWSettings,
     pub seed: u64,
+    /// Processes of the run that wrote it (1 before data-parallel runs existed).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Each rank's data order, by rank, in a data-parallel run (`data_order` is rank 0's);
+    /// empty on one process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_data_orders: Vec<DataOrder>,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn ck_err(path: &Path, reason: impl std::fmt::Display) -> TrainError {

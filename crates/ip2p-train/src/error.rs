@@ -7,7 +7,7 @@ use std::path::PathBuf;
 pub enum TrainError {
     /// A model part or the pipeline failed (component errors arrive through `PipelineError`).
     #[error(transparent)]
-    Pipeline(#[from] crate::PipelineError),
+    Pipeline(#[from] ip2p_pipeline::PipelineError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -29,6 +29,13 @@ pub enum TrainError {
     /// A checkpoint could not be written or read.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
+    /// A data-parallel run's collective call failed or timed out (a peer is gone).
+    #[error("rank {rank}: {what}: {reason}")]
+    Collective {
+        rank: usize,
+        what: String,
+        reason: String,
+    },
     /// The loss became NaN or infinite.
     #[error("step {step}: the loss is not finite ({loss})")]
     NonFinite { step: usize, loss: f64 },

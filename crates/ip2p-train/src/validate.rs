@@ -10,9 +10,9 @@ use ip2p_nn::Backend;
 use ip2p_sched::{Ddpm, Generator, SchedulerConfig, SchedulerKind};
 use ip2p_unet::UNet2DConditionModel;
 
-use super::TrainError;
-use super::step::{Frozen, StepConfig, StepDraws, TrainBatch, prepare_inputs};
-use crate::edit::{EditOptions, Prompts, RunSettings, run_diffusion_inference_batch};
+use crate::TrainError;
+use crate::step::{Frozen, StepConfig, StepDraws, TrainBatch, prepare_inputs};
+use ip2p_pipeline::edit::{EditOptions, Prompts, RunSettings, run_diffusion_inference_batch};
 
 /// The fixed validation pairs and how to run the pipeline on them.
 #[derive(Debug, Clone)]
@@ -31,7 +31,7 @@ pub struct Validation {
 }
 
 impl Validation {
-    /// From tensors (see [`super::data::load_rows`]).
+    /// From tensors (see [`crate::data::load_rows`]).
     pub fn new<B: Backend>(
         original: Tensor<B, 4>,
         edited: Tensor<B, 4>,

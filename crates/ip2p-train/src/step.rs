@@ -10,8 +10,8 @@ use ip2p_text::PromptEncoder;
 use ip2p_unet::UNet2DConditionModel;
 use ip2p_vae::AutoencoderKL;
 
-use super::TrainError;
-use super::rng::SplitMix;
+use crate::TrainError;
+use crate::rng::SplitMix;
 
 /// The frozen parts: the VAE and the text encoder (with its cached empty-prompt embedding).
 /// They run on the autodiff backend's inner backend, so no graph is recorded through them.
@@ -67,6 +67,27 @@ impl<B: Backend> StepDraws<B> {
             noise,
             timesteps,
             random_p,
+        }
+    }
+
+    /// One item per seed, each drawn alone from its seed ([`Self::draw`] with a batch of
+    /// one) and stacked: an item's draws do not depend on the batch it is in.
+    pub fn draw_items(
+        seeds: &[u64],
+        item_latent_shape: [usize; 3],
+        num_train_timesteps: usize,
+        device: &B::Device,
+    ) -> Self {
+        let [c, h, w] = item_latent_shape;
+        let items: Vec<Self> = seeds
+            .iter()
+            .map(|&s| Self::draw(s, [1, c, h, w], num_train_timesteps, device))
+            .collect();
+        Self {
+            sample_noise: Tensor::cat(items.iter().map(|d| d.sample_noise.clone()).collect(), 0),
+            noise: Tensor::cat(items.iter().map(|d| d.noise.clone()).collect(), 0),
+            timesteps: items.iter().flat_map(|d| d.timesteps.clone()).collect(),
+            random_p: items.iter().flat_map(|d| d.random_p.clone()).collect(),
         }
     }
 }

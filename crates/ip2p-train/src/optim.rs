@@ -95,9 +95,14 @@ pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     module: &M,
     grads: &GradientsParams,
 ) -> f64 {
-    let mut total: Option<Tensor<B::InnerBackend, 1>> = None;
-    for g in named_grads::<B, M>(module, grads).into_values() {
-        let s = g.cast(DType::F32).square().sum();
+    norm_of(named_grads::<B, M>(module, grads).values())
+}
+
+/// The L2 norm of flattened tensors together, in f32 sums, in the iterator's order.
+fn norm_of<'a, B: Backend>(tensors: impl Iterator<Item = &'a Tensor<B, 1>>) -> f64 {
+    let mut total: Option<Tensor<B, 1>> = None;
+    for g in tensors {
+        let s = g.clone().cast(DType::F32).square().sum();
         total = Some(match total {
             Some(t) => t + s,
             None => s,
@@ -183,7 +188,22 @@ impl<B: Backend> AdamW<B> {
         A: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<A>,
     {
-        let grad_norm = global_grad_norm::<A, M>(&module, &grads);
+        let named = named_grads::<A, M>(&module, &grads);
+        self.step_named::<A, M>(module, named)
+    }
+
+    /// [`Self::step`] with the gradients by parameter path (as a data-parallel run has them
+    /// after the all-reduce).
+    pub fn step_named<A, M>(
+        &mut self,
+        module: M,
+        grads: BTreeMap<String, Tensor<B, 1>>,
+    ) -> (M, UpdateInfo)
+    where
+        A: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<A>,
+    {
+        let grad_norm = norm_of(grads.values());
         let coef = match self.settings.max_grad_norm {
             Some(max) => (max / (grad_norm + 1e-6)).min(1.0),
             None => 1.0,
@@ -204,7 +224,7 @@ impl<B: Backend> AdamW<B> {
 
 struct AdamWMapper<'a, A: AutodiffBackend> {
     paths: PathStack,
-    grads: GradientsParams,
+    grads: BTreeMap<String, Tensor<A::InnerBackend, 1>>,
     opt: &'a mut AdamW<A::InnerBackend>,
     coef: f64,
     lr: f64,
@@ -219,11 +239,11 @@ impl<A: AutodiffBackend> ModuleMapper<A> for AdamWMapper<'_, A> {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<A, D>>) -> Param<Tensor<A, D>> {
         let (id, tensor, mapper) = param.consume();
-        let Some(grad) = self.grads.remove::<A::InnerBackend, D>(id) else {
+        let path = self.paths.path();
+        let Some(grad) = self.grads.remove(&path) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
         let s = self.opt.settings;
-        let path = self.paths.path();
         let require_grad = tensor.is_require_grad();
         let p = tensor.inner();
         let (dtype, shape) = (p.dtype(), p.shape());

@@ -35,9 +35,9 @@ use image::imageops;
 use ip2p_nn::Backend;
 use ip2p_text::ClipTokenizer;
 
-use super::TrainError;
-use super::rng::SplitMix;
-use super::step::TrainBatch;
+use crate::TrainError;
+use crate::rng::SplitMix;
+use crate::step::TrainBatch;
 use ip2p_vae::resample::{Filter, resize};
 
 pub const METADATA: &str = "metadata.jsonl";
@@ -268,12 +268,30 @@ pub fn preprocess_pair(
 
 /// Walks the dataset in a seeded random order, epoch after epoch; its position is part of a
 /// checkpoint, so a resumed run sees the same batches.
+///
+/// With several ranks it is torch's `DistributedSampler` (`drop_last=False`): every rank
+/// draws the same permutation per epoch, padded to a multiple of the world size by repeating
+/// its start, and rank r walks positions r, r + N, r + 2N, ...; `position` counts the rank's
+/// own steps in that stream. One rank (N = 1) walks the permutation itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DataOrder {
     pub seed: u64,
     pub epoch: usize,
-    /// Index into this epoch's permutation.
+    /// Index into this rank's share of the epoch's permutation.
     pub position: usize,
+}
+
+/// Which share of the data a process takes: rank `rank` of `world` (DistributedSampler's
+/// `rank` and `num_replicas`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    /// The whole data set (one process).
+    pub const SINGLE: Shard = Shard { rank: 0, world: 1 };
 }
 
 impl DataOrder {
@@ -296,13 +314,16 @@ impl DataOrder {
         p
     }
 
-    /// The next row index, advancing the position (and the epoch at the end).
-    pub fn next(&mut self, n: usize) -> usize {
-        if self.position >= n {
+    /// The next row index of `shard`'s stream, advancing the position (and the epoch at the
+    /// end of the shard's `ceil(n / world)` rows).
+    pub fn next(&mut self, n: usize, shard: Shard) -> usize {
+        let world = shard.world.max(1);
+        if self.position >= n.div_ceil(world) {
             self.epoch += 1;
             self.position = 0;
         }
-        let i = self.permutation(n, self.epoch)[self.position];
+        let padded = self.position * world + shard.rank;
+        let i = self.permutation(n, self.epoch)[padded % n];
         self.position += 1;
         i
     }
@@ -314,27 +335,31 @@ pub struct BatchLoader<'a> {
     pub resolution: u32,
     pub random_flip: bool,
     pub bad_rows: BadRows,
+    /// This process's share of the data.
+    pub shard: Shard,
     /// Rows skipped so far (row number, reason).
     pub skipped: Vec<(usize, String)>,
 }
 
 impl BatchLoader<'_> {
-    /// The next `batch_size` usable pairs as pixels in [-1, 1] plus their ids.
+    /// The next `item_seeds.len()` usable pairs of this shard as pixels in [-1, 1] plus their
+    /// ids; item k's flip is drawn from `item_seeds[k]`.
     pub fn next_batch<B: Backend>(
         &mut self,
         order: &mut DataOrder,
-        batch_size: usize,
-        rng: &mut SplitMix,
+        item_seeds: &[u64],
         device: &B::Device,
     ) -> Result<TrainBatch<B>, TrainError> {
         let n = self.data.len();
         let (mut inputs, mut edited, mut ids) = (Vec::new(), Vec::new(), Vec::new());
         let mut misses = 0;
-        while inputs.len() < batch_size {
-            let i = order.next(n);
+        while let Some(&seed) = item_seeds.get(inputs.len()) {
+            let i = order.next(n, self.shard);
             match self.data.load_pair(i) {
                 Ok((a, b)) => {
-                    let (a, b) = preprocess_pair(&a, &b, self.resolution, self.random_flip, rng);
+                    let mut rng = SplitMix::new(seed ^ FLIP_STREAM);
+                    let (a, b) =
+                        preprocess_pair(&a, &b, self.resolution, self.random_flip, &mut rng);
                     inputs.push(a);
                     edited.push(b);
                     ids.push(self.data.rows[i].input_ids.clone());
@@ -362,6 +387,9 @@ impl BatchLoader<'_> {
         })
     }
 }
+
+/// Mixed into an item's seed for its flip, apart from its noise draws.
+const FLIP_STREAM: u64 = 0xF11F_F11F_0DD5_EED5;
 
 /// The pairs of a list of rows, resized but not flipped (validation).
 pub fn load_rows<B: Backend>(

@@ -10,11 +10,11 @@ use burn::tensor::DType;
 use image::{Rgb, RgbImage};
 use ip2p_nn::testing::{assert_close, fixtures_dir};
 use ip2p_pipeline::EditOptions;
-use ip2p_pipeline::train::data::{BadRows, Dataset, load_rows, prepare_data};
-use ip2p_pipeline::train::optim::{AdamW, AdamWSettings, named_params};
-use ip2p_pipeline::train::*;
 use ip2p_sched::{Ddpm, SchedulerConfig};
 use ip2p_text::{ClipTokenizer, PromptEncoder};
+use ip2p_train::data::{BadRows, Dataset, load_rows, prepare_data};
+use ip2p_train::optim::{AdamW, AdamWSettings, named_params};
+use ip2p_train::*;
 use ip2p_unet::UNet2DConditionModel;
 use ip2p_vae::AutoencoderKL;
 
@@ -385,8 +385,8 @@ fn validation_runs_the_pipeline_on_stored_ids() {
 #[test]
 fn preprocessing_matches_the_script() {
     use ip2p_nn::testing::Fixture;
-    use ip2p_pipeline::train::data::preprocess_pair;
-    use ip2p_pipeline::train::rng::SplitMix;
+    use ip2p_train::data::preprocess_pair;
+    use ip2p_train::rng::SplitMix;
     use ip2p_vae::resample::{Filter, resize};
     let fx = Fixture::open("train/preprocess.safetensors");
     let to_img = |name: &str| {
