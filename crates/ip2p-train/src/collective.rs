@@ -174,7 +174,15 @@ impl<B: Backend> Collective<B> {
     pub fn join(settings: &CollectiveSettings, device: &B::Device) -> Result<Self, TrainError> {
         settings.check()?;
         let rank = settings.node_rank;
-        let (_, data_port) = host_port(&settings.node_address).map_err(TrainError::Input)?;
+        let (host, data_port) = host_port(&settings.node_address).map_err(TrainError::Input)?;
+        // The tensor service listens on the node address's interface when it is an IP
+        // (loopback stays loopback), on every interface for a host name.
+        let bind = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        burn_communication::websocket::set_bind_host(bind);
         let config = CollectiveConfig::default()
             .with_num_devices(1)
             .with_num_nodes(settings.num_nodes as u32)

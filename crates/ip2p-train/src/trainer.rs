@@ -92,7 +92,8 @@ pub struct Trainer<A: AutodiffBackend> {
     pub optimizer: AdamW<A::InnerBackend>,
     pub ema: Option<Ema<A::InnerBackend, UNet2DConditionModel<A::InnerBackend>>>,
     pub order: DataOrder,
-    /// The data-parallel collective; None: one process.
+    /// The data-parallel collective (set it before [`Self::resume`]: each rank's place in
+    /// the data is part of a checkpoint); None: one process.
     pub collective: Option<Collective<A::InnerBackend>>,
     pub step: usize,
     pub config: TrainConfig,
@@ -174,19 +175,13 @@ impl<A: AutodiffBackend> Trainer<A> {
         Ok(())
     }
 
-    /// Join a data-parallel run: from now on gradients are averaged over the ranks and this
-    /// process takes its share of the data. Call after [`Self::resume`]: it checks that all
-    /// ranks hold the same weights, optimiser step, settings and data listing.
-    pub fn attach(
-        &mut self,
-        collective: Collective<A::InnerBackend>,
-        data: &Dataset,
-    ) -> Result<(), TrainError> {
-        let mut weights = Fingerprint::default();
-        for (path, t) in named_params(&self.unet.valid()) {
-            weights.add(path.as_bytes());
-            weights.add(t.into_data().as_bytes());
-        }
+    /// Check that all ranks hold the same weights, optimiser step, settings and data listing
+    /// ([`Self::run`] does, before its first step).
+    pub fn check_replicas(&self, data: &Dataset) -> Result<(), TrainError> {
+        let Some(collective) = &self.collective else {
+            return Ok(());
+        };
+        let weights = self.weights_fingerprint();
         let mut settings = Fingerprint::default();
         let c = &self.config;
         settings.add(
@@ -220,14 +215,23 @@ impl<A: AutodiffBackend> Trainer<A> {
         }
         collective.check_same(
             &[
-                ("UNet weights", weights.value()),
+                ("UNet weights", weights),
                 ("training settings and step", settings.value()),
                 ("dataset (tokens.jsonl)", rows.value()),
             ],
             &self.device,
-        )?;
-        self.collective = Some(collective);
-        Ok(())
+        )
+    }
+
+    /// A 64-bit fingerprint of the UNet's parameters (paths and bytes): equal on two ranks
+    /// when their replicas are bitwise equal.
+    pub fn weights_fingerprint(&self) -> u64 {
+        let mut f = Fingerprint::default();
+        for (path, t) in named_params(&self.unet.valid()) {
+            f.add(path.as_bytes());
+            f.add(t.into_data().as_bytes());
+        }
+        f.value()
     }
 
     /// This process's share of the data.
@@ -399,6 +403,7 @@ impl<A: AutodiffBackend> Trainer<A> {
         validation: Option<&Validation>,
         on_step: &mut dyn FnMut(&StepReport),
     ) -> Result<(), TrainError> {
+        self.check_replicas(data)?;
         let mut loader = BatchLoader {
             data,
             resolution: self.config.resolution,
@@ -432,6 +437,13 @@ impl<A: AutodiffBackend> Trainer<A> {
                 report.checkpoint = self.save()?;
             }
             on_step(&report);
+        }
+        // The replicas must have stayed bitwise equal.
+        if let Some(c) = &self.collective {
+            c.check_same(
+                &[("UNet weights after training", self.weights_fingerprint())],
+                &self.device,
+            )?;
         }
         Ok(())
     }
