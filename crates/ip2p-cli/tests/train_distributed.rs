@@ -89,8 +89,11 @@ fn train_args(data: &Path, out: &Path, batch: usize, steps: usize) -> Vec<String
         &steps.to_string(),
         "--checkpointing-steps",
         "0",
+        // Adam turns a gradient's rounding noise into a full step where the true gradient is
+        // zero (the biases in front of a GroupNorm): at 1e-4 two correct runs differ by up to
+        // 3e-5 there, at 1e-5 by 3e-6, under the 1e-5 tolerance.
         "--learning-rate",
-        "1e-4",
+        "1e-5",
         "--random-flip",
         "--quiet",
         "--no-save-pipeline",
@@ -247,7 +250,31 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
         .zip(&a)
         .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
         .fold(0f32, f32::max);
-    assert!(moved > 1e-4, "training did not move the weights ({moved})");
+    assert!(moved > 2e-5, "training did not move the weights ({moved})");
+    // Adam hides a gradient's scale: the logged loss and gradient norm show it (a sum instead
+    // of a mean, one rank's gradient alone).
+    let log = |dir: &Path| -> Vec<(f64, f64)> {
+        read(&dir.join("train_log.jsonl"))
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["loss"].as_f64().unwrap(),
+                    v["grad_norm"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (one, two) = (log(&single), log(&root.join("ddp0")));
+    assert_eq!(one.len(), 3);
+    assert_eq!(one.len(), two.len());
+    for ((l1, g1), (l2, g2)) in one.iter().zip(&two) {
+        assert!((l1 - l2).abs() <= 1e-5 * l1.abs(), "loss {l1} vs {l2}");
+        assert!(
+            (g1 - g2).abs() <= 1e-4 * g1.abs(),
+            "gradient norm {g1} vs {g2}"
+        );
+    }
 
     // A rank killed mid-run: the other stops with a clear error, well before the deadline.
     let port = free_port();
