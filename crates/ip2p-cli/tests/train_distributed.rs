@@ -176,6 +176,51 @@ fn unet_tensors(out: &Path) -> Vec<(String, Vec<f32>)> {
     v
 }
 
+/// The orchestrator and two ranks of `steps` steps (batch 1), each rank's output under
+/// `root/{name}{rank}`, `extra` flag-value pairs added; returns both ranks' stderr after
+/// they succeed.
+fn run_pair(
+    procs: &mut Procs,
+    root: &Path,
+    data: &Path,
+    name: &str,
+    steps: usize,
+    extra: &[&str],
+    deadline: Instant,
+) -> [String; 2] {
+    let port = free_port();
+    procs.0.push(spawn(
+        &[
+            "orchestrator".into(),
+            "--addr".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+        &root.join(format!("{name}-orchestrator.log")),
+    ));
+    let logs = [
+        root.join(format!("{name}0.log")),
+        root.join(format!("{name}1.log")),
+    ];
+    let first = procs.0.len();
+    for (rank, log) in logs.iter().enumerate() {
+        let mut args = train_args(data, &root.join(format!("{name}{rank}")), 1, steps);
+        args.extend(rank_args(rank, port, 60));
+        for pair in extra.chunks(2) {
+            // A flag given in `extra` replaces train_args' value.
+            match args.iter().position(|a| a == pair[0]) {
+                Some(i) => args[i + 1] = pair[1].to_string(),
+                None => args.extend(pair.iter().map(|s| s.to_string())),
+            }
+        }
+        procs.0.push(spawn(&args, log));
+    }
+    for (rank, log) in logs.iter().enumerate() {
+        let status = wait(&mut procs.0[first + rank], deadline, "a rank");
+        assert!(status.success(), "rank {rank}: {}", read(log));
+    }
+    [read(&logs[0]), read(&logs[1])]
+}
+
 #[test]
 fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
     let deadline = Instant::now() + Duration::from_secs(240);
@@ -204,29 +249,11 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     // The orchestrator and two ranks, batch 1 each.
-    let port = free_port();
-    let mut procs = Procs(vec![spawn(
-        &[
-            "orchestrator".into(),
-            "--addr".into(),
-            format!("127.0.0.1:{port}"),
-        ],
-        &root.join("orchestrator.log"),
-    )]);
-    let logs = [root.join("rank0.log"), root.join("rank1.log")];
-    for rank in 0..2 {
-        let mut args = train_args(&data, &root.join(format!("ddp{rank}")), 1, 3);
-        args.extend(rank_args(rank, port, 60));
-        procs.0.push(spawn(&args, &logs[rank]));
-    }
-    for rank in 0..2 {
-        let status = wait(&mut procs.0[1 + rank], deadline, "a rank");
-        assert!(status.success(), "rank {rank}: {}", read(&logs[rank]));
-    }
-    let (l0, l1) = (read(&logs[0]), read(&logs[1]));
+    let mut procs = Procs(Vec::new());
+    let [l0, l1] = run_pair(&mut procs, &root, &data, "ddp", 3, &[], deadline);
     let f0 = fingerprint(&l0).unwrap_or_else(|| panic!("{l0}"));
     assert_eq!(
-        Some(f0),
+        Some(f0.clone()),
         fingerprint(&l1),
         "the replicas differ: {l0}\n{l1}"
     );
@@ -275,6 +302,30 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
             "gradient norm {g1} vs {g2}"
         );
     }
+
+    // Two steps with a checkpoint, then both ranks resume from rank 0's checkpoint: the
+    // same replicas as three steps in one go.
+    run_pair(
+        &mut procs,
+        &root,
+        &data,
+        "part",
+        2,
+        &["--checkpointing-steps", "2"],
+        deadline,
+    );
+    let ck = root.join("part0/checkpoint-2");
+    let [r0, r1] = run_pair(
+        &mut procs,
+        &root,
+        &data,
+        "resumed",
+        3,
+        &["--resume-from-checkpoint", ck.to_str().unwrap()],
+        deadline,
+    );
+    assert_eq!(fingerprint(&r0), Some(f0.clone()), "{r0}");
+    assert_eq!(fingerprint(&r1), Some(f0), "{r1}");
 
     // A rank killed mid-run: the other stops with a clear error, well before the deadline.
     let port = free_port();
