@@ -339,10 +339,10 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
     ));
     let logs = [root.join("kill0.log"), root.join("kill1.log")];
     let out0 = root.join("kill-out0");
-    for rank in 0..2 {
+    for (rank, log) in logs.iter().enumerate() {
         let mut args = train_args(&data, &root.join(format!("kill-out{rank}")), 1, 1000);
         args.extend(rank_args(rank, port, 10));
-        procs.0.push(spawn(&args, &logs[rank]));
+        procs.0.push(spawn(&args, log));
     }
     let (r0, r1) = (procs.0.len() - 2, procs.0.len() - 1);
     // Kill rank 1 once rank 0 has logged a step.

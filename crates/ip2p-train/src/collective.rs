@@ -112,6 +112,16 @@ impl<B: Backend> std::fmt::Debug for Collective<B> {
     }
 }
 
+/// What [`Collective::mean_gradients`] returns.
+pub struct Averaged<B: Backend> {
+    /// The gradients averaged over the ranks, by path.
+    pub grads: BTreeMap<String, Tensor<B, 1>>,
+    /// The extra scalars averaged.
+    pub extra: Vec<f64>,
+    /// Time spent in the all-reduce calls (and the bucket copies).
+    pub seconds: f64,
+}
+
 /// Run `f` on a helper thread and wait at most `timeout` for it.
 fn with_deadline<T: Send + 'static>(
     rank: usize,
@@ -308,13 +318,12 @@ impl<B: Backend> Collective<B> {
     }
 
     /// Average `grads` (by path) and `extra` scalars over the ranks, in buckets ordered by path.
-    /// Returns the averaged gradients, the averaged extras and the time spent waiting.
     pub fn mean_gradients(
         &self,
         step: usize,
         grads: BTreeMap<String, Tensor<B, 1>>,
         extra: &[f64],
-    ) -> Result<(BTreeMap<String, Tensor<B, 1>>, Vec<f64>, Duration), TrainError> {
+    ) -> Result<Averaged<B>, TrainError> {
         let start = Instant::now();
         let device = match grads.values().next() {
             Some(t) => t.device(),
@@ -361,7 +370,11 @@ impl<B: Backend> Collective<B> {
                     .map_err(|e| TrainError::Input(format!("{what}: {e:?}")))?;
             }
         }
-        Ok((out, extra_out, start.elapsed()))
+        Ok(Averaged {
+            grads: out,
+            extra: extra_out,
+            seconds: start.elapsed().as_secs_f64(),
+        })
     }
 
     /// Leave the collective (each rank once, at the end of a run).

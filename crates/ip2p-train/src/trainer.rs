@@ -4,8 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use std::time::Duration;
-
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{DType, ElementConversion};
@@ -360,11 +358,11 @@ impl<A: AutodiffBackend> Trainer<A> {
         let named = named_grads::<A, _>(&self.unet, &grads);
         let (named, loss, all_reduce) = match &self.collective {
             Some(c) => {
-                let (named, extra, t) =
-                    c.mean_gradients(self.step + 1, named, &[loss_sum / n as f64])?;
-                (named, extra.first().copied().unwrap_or(f64::NAN), t)
+                let avg = c.mean_gradients(self.step + 1, named, &[loss_sum / n as f64])?;
+                let loss = avg.extra.first().copied().unwrap_or(f64::NAN);
+                (avg.grads, loss, avg.seconds)
             }
-            None => (named, loss_sum / n as f64, Duration::ZERO),
+            None => (named, loss_sum / n as f64, 0.0),
         };
         if !loss.is_finite() {
             return Err(TrainError::NonFinite {
@@ -386,7 +384,7 @@ impl<A: AutodiffBackend> Trainer<A> {
             lr: info.lr,
             grad_norm: info.grad_norm,
             seconds: start.elapsed().as_secs_f64(),
-            all_reduce_seconds: all_reduce.as_secs_f64(),
+            all_reduce_seconds: all_reduce,
             checkpoint: None,
             validation: None,
             skipped_rows: loader.skipped.len(),
