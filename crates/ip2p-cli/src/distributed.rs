@@ -36,6 +36,17 @@ pub struct DistributedArgs {
     pub bucket_mib: f64,
 }
 
+/// burn-communication installs an INFO logger on stdout (a line per tensor transfer) unless a
+/// logger exists: install ours first, on stderr at WARN (`RUST_LOG` overrides).
+pub fn collective_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
@@ -136,6 +147,7 @@ pub struct OrchestratorArgs {
 }
 
 pub fn run_orchestrator(args: &OrchestratorArgs) -> Result<()> {
+    collective_logging();
     if !args.addr.ip().is_loopback() {
         eprintln!(
             "warning: the orchestrator listens on {} without authentication: anyone who can reach \

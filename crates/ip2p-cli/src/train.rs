@@ -107,6 +107,7 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
     // Join the other ranks first: a missing peer or orchestrator fails before the model loads.
     let collective = match args.distributed.settings()? {
         Some(s) => {
+            crate::distributed::collective_logging();
             eprintln!(
                 "rank {} of {}: joining through the orchestrator at {} (this node: {})",
                 s.node_rank, s.num_nodes, s.orchestrator, s.node_address
@@ -250,6 +251,7 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
     });
     bar.finish();
     result?;
+    let rank = trainer.shard().rank;
     if let Some(c) = trainer.collective.take() {
         eprintln!(
             "rank {}: replicas equal, UNet fingerprint {:016x}",
@@ -259,10 +261,7 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
         c.finish()?;
     }
     if !main {
-        eprintln!(
-            "rank {}: done (rank 0 writes the outputs)",
-            trainer.shard().rank
-        );
+        eprintln!("rank {rank}: done (rank 0 writes the outputs)");
         return Ok(());
     }
     // Final export: the EMA model when there is one, as diffusers' script saves it.
