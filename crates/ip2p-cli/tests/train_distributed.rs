@@ -119,9 +119,14 @@ fn rank_args(rank: usize, orchestrator: u16, timeout: u32) -> Vec<String> {
 }
 
 fn spawn(args: &[String], log: &Path) -> Child {
+    spawn_env(args, &[], log)
+}
+
+fn spawn_env(args: &[String], env: &[(&str, String)], log: &Path) -> Child {
     let f = std::fs::File::create(log).unwrap();
     ip2p()
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::null())
         .stderr(f)
         .spawn()
@@ -177,8 +182,10 @@ fn unet_tensors(out: &Path) -> Vec<(String, Vec<f32>)> {
 }
 
 /// The orchestrator and two ranks of `steps` steps (batch 1), each rank's output under
-/// `root/{name}{rank}`, `extra` flag-value pairs added; returns both ranks' stderr after
-/// they succeed.
+/// `root/{name}{rank}`, `extra` flag-value pairs added, the ranks' places given by flags or
+/// (`torchrun_env`) by `WORLD_SIZE`, `RANK`, `MASTER_ADDR` and `MASTER_PORT`; returns both
+/// ranks' stderr after they succeed.
+#[allow(clippy::too_many_arguments)]
 fn run_pair(
     procs: &mut Procs,
     root: &Path,
@@ -186,6 +193,7 @@ fn run_pair(
     name: &str,
     steps: usize,
     extra: &[&str],
+    torchrun_env: bool,
     deadline: Instant,
 ) -> [String; 2] {
     let port = free_port();
@@ -204,7 +212,19 @@ fn run_pair(
     let first = procs.0.len();
     for (rank, log) in logs.iter().enumerate() {
         let mut args = train_args(data, &root.join(format!("{name}{rank}")), 1, steps);
-        args.extend(rank_args(rank, port, 60));
+        let mut env = Vec::new();
+        if torchrun_env {
+            env = vec![
+                ("WORLD_SIZE", "2".to_string()),
+                ("RANK", rank.to_string()),
+                ("MASTER_ADDR", "127.0.0.1".to_string()),
+                ("MASTER_PORT", port.to_string()),
+                ("IP2P_NODE_ADDRESS", format!("127.0.0.1:{}", free_port())),
+            ];
+            args.extend(["--collective-timeout".to_string(), "60".to_string()]);
+        } else {
+            args.extend(rank_args(rank, port, 60));
+        }
         for pair in extra.chunks(2) {
             // A flag given in `extra` replaces train_args' value.
             match args.iter().position(|a| a == pair[0]) {
@@ -212,7 +232,7 @@ fn run_pair(
                 None => args.extend(pair.iter().map(|s| s.to_string())),
             }
         }
-        procs.0.push(spawn(&args, log));
+        procs.0.push(spawn_env(&args, &env, log));
     }
     for (rank, log) in logs.iter().enumerate() {
         let status = wait(&mut procs.0[first + rank], deadline, "a rank");
@@ -250,7 +270,7 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
 
     // The orchestrator and two ranks, batch 1 each.
     let mut procs = Procs(Vec::new());
-    let [l0, l1] = run_pair(&mut procs, &root, &data, "ddp", 3, &[], deadline);
+    let [l0, l1] = run_pair(&mut procs, &root, &data, "ddp", 3, &[], false, deadline);
     let f0 = fingerprint(&l0).unwrap_or_else(|| panic!("{l0}"));
     assert_eq!(
         Some(f0.clone()),
@@ -303,8 +323,8 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
         );
     }
 
-    // Two steps with a checkpoint, then both ranks resume from rank 0's checkpoint: the
-    // same replicas as three steps in one go.
+    // Two steps with a checkpoint (ranks placed by torchrun's variables), then both ranks
+    // resume from rank 0's checkpoint: the same replicas as three steps in one go.
     run_pair(
         &mut procs,
         &root,
@@ -312,6 +332,7 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
         "part",
         2,
         &["--checkpointing-steps", "2"],
+        true,
         deadline,
     );
     let ck = root.join("part0/checkpoint-2");
@@ -322,6 +343,7 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
         "resumed",
         3,
         &["--resume-from-checkpoint", ck.to_str().unwrap()],
+        false,
         deadline,
     );
     assert_eq!(fingerprint(&r0), Some(f0.clone()), "{r0}");
