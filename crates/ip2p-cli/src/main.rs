@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod backend;
 mod convert;
+mod distributed;
 mod edit;
 mod edit_dataset;
 mod model_args;
@@ -42,6 +43,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Serve a web page and an HTTP API for edits (one model, a queue).
     Serve(Box<serve::ServeArgs>),
+    /// The global orchestrator of a multi-node `ip2p train` run (burn-collective's).
+    Orchestrator(distributed::OrchestratorArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::PrepareData(args) => prepare_data::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Orchestrator(args) => distributed::run_orchestrator(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use ip2p_pipeline::train::data::{BadRows, prepare_data};
 use ip2p_text::ClipTokenizer;
+use ip2p_train::data::{BadRows, prepare_data};
 
-/// The dataset folder format (also in `ip2p_pipeline::train::data`):
+/// The dataset folder format (also in `ip2p_train::data`):
 ///
 ///   <data>/metadata.jsonl  one JSON object per line:
 ///       {"input_image": "in/0001.png", "edit_prompt": "make it snowy", "edited_image": "out/0001.png"}
@@ -57,7 +57,7 @@ pub fn run(args: &PrepareDataArgs) -> anyhow::Result<()> {
     eprintln!(
         "wrote {} rows to {}",
         report.rows,
-        args.data.join(ip2p_pipeline::train::data::TOKENS).display()
+        args.data.join(ip2p_train::data::TOKENS).display()
     );
     Ok(())
 }

@@ -8,17 +8,18 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use ip2p_nn::AutodiffBackend;
 use ip2p_pipeline::EditOptions;
-use ip2p_pipeline::train::data::{BadRows, Dataset, load_rows};
-use ip2p_pipeline::train::optim::AdamWSettings;
-use ip2p_pipeline::train::{
-    Autodiff, BalancedCheckpointing, Frozen, TrainConfig, Trainer, Validation, latest_checkpoint,
-    load_unet_for_training,
-};
 use ip2p_sched::SchedulerConfig;
 use ip2p_text::PromptEncoder;
+use ip2p_train::data::{BadRows, Dataset, load_rows};
+use ip2p_train::optim::AdamWSettings;
+use ip2p_train::{
+    Autodiff, BalancedCheckpointing, Collective, Frozen, TrainConfig, Trainer, Validation,
+    latest_checkpoint, load_unet_for_training,
+};
 use ip2p_vae::AutoencoderKL;
 
 use crate::backend::BackendKind;
+use crate::distributed::DistributedArgs;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -88,6 +89,8 @@ pub struct TrainArgs {
     /// VAE, text encoder, tokenizer and scheduler copied from --model).
     #[arg(long)]
     pub no_save_pipeline: bool,
+    #[command(flatten)]
+    pub distributed: DistributedArgs,
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
@@ -101,6 +104,19 @@ pub fn run(args: &TrainArgs) -> Result<()> {
 }
 
 fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()> {
+    // Join the other ranks first: a missing peer or orchestrator fails before the model loads.
+    let collective = match args.distributed.settings()? {
+        Some(s) => {
+            crate::distributed::collective_logging();
+            eprintln!(
+                "rank {} of {}: joining through the orchestrator at {} (this node: {})",
+                s.node_rank, s.num_nodes, s.orchestrator, s.node_address
+            );
+            Some(Collective::<A::InnerBackend>::join(&s, device)?)
+        }
+        None => None,
+    };
+    let main = collective.as_ref().is_none_or(|c| c.rank() == 0);
     let model = &args.model;
     let unet_dir = model.join("unet");
     let (unet, widened) = load_unet_for_training::<A>(&unet_dir, device)
@@ -141,7 +157,7 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
         },
         output: args.output.clone(),
     };
-    let validation = if args.validation_steps > 0 {
+    let validation = if args.validation_steps > 0 && main {
         let rows: Vec<usize> = (0..args.num_validation.min(data.len())).collect();
         let rows = load_rows::<A::InnerBackend>(&data, &rows, args.resolution, device)?;
         Some(Validation::new(
@@ -168,6 +184,8 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
         config,
         device,
     )?;
+    // Before a resume: each rank's place in the data is part of the checkpoint.
+    trainer.collective = collective;
     if let Some(from) = &args.resume_from_checkpoint {
         let dir = if from == "latest" {
             latest_checkpoint(&args.output)
@@ -179,7 +197,7 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
         eprintln!("resumed from {} at step {}", dir.display(), trainer.step);
     }
 
-    let bar = if args.quiet {
+    let bar = if args.quiet || !main {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(args.max_train_steps as u64)
@@ -200,7 +218,11 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
             bar.suspend(|| eprintln!("warning: skipped row {row}: {reason}"));
         }
         let line = serde_json::json!({"step": r.step, "loss": r.loss, "lr": r.lr,
-            "grad_norm": r.grad_norm, "seconds": r.seconds, "skipped_rows": r.skipped_rows});
+            "grad_norm": r.grad_norm, "seconds": r.seconds,
+            "all_reduce_seconds": r.all_reduce_seconds, "skipped_rows": r.skipped_rows});
+        if !main {
+            return;
+        }
         if let Err(e) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -229,17 +251,30 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
     });
     bar.finish();
     result?;
+    let rank = trainer.shard().rank;
+    if let Some(c) = trainer.collective.take() {
+        eprintln!(
+            "rank {}: replicas equal, UNet fingerprint {:016x}",
+            c.rank(),
+            trainer.weights_fingerprint()
+        );
+        c.finish()?;
+    }
+    if !main {
+        eprintln!("rank {rank}: done (rank 0 writes the outputs)");
+        return Ok(());
+    }
     // Final export: the EMA model when there is one, as diffusers' script saves it.
     let final_dir = args.output.join("unet");
     match &trainer.ema {
-        Some(ema) => ip2p_pipeline::train::export_unet_diffusers(
+        Some(ema) => ip2p_train::export_unet_diffusers(
             &ema.model,
             &unet_dir.join("config.json"),
             &final_dir,
         )?,
         None => {
             use burn::module::AutodiffModule;
-            ip2p_pipeline::train::export_unet_diffusers(
+            ip2p_train::export_unet_diffusers(
                 &trainer.unet.valid(),
                 &unet_dir.join("config.json"),
                 &final_dir,

@@ -15,7 +15,6 @@ pub mod one_shot;
 pub mod preset;
 pub mod report;
 pub mod single_file;
-pub mod train;
 
 pub use batching::ActivationModel;
 pub use edit::{
