@@ -9,6 +9,7 @@
 pub mod batching;
 pub mod edit;
 pub mod error;
+pub mod latents;
 pub mod memory;
 pub mod model;
 pub mod one_shot;
@@ -23,6 +24,7 @@ pub use edit::{
     run_diffusion_inference_batch,
 };
 pub use error::PipelineError;
+pub use latents::LatentsError;
 pub use ip2p_sched::{Generator, RngKind};
 pub use memory::{CountingAllocator, MemoryProbe, NoProbe, SampledPeak};
 pub use model::{Ip2pModel, LoadOptions, LoadTimes};
