@@ -12,6 +12,10 @@ use serde::Deserialize;
 
 use crate::error::SchedError;
 
+
+/// Most training timesteps a config may name (each is a row of the noise tables).
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
 /// The scheduler classes ip2p implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SchedulerKind {
@@ -221,11 +225,13 @@ impl SchedulerConfig {
         let class = kind.class_name();
         let r = &self.raw;
         let num_train_timesteps = r.num_train_timesteps.unwrap_or(1000);
-        if num_train_timesteps < 2 {
+        // The tables are num_train_timesteps long: bounded, so a hostile config cannot ask for
+        // terabytes (diffusers' models use 1000).
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&num_train_timesteps) {
             return Err(SchedError::InvalidConfig {
                 class,
                 reason: format!(
-                    "num_train_timesteps must be at least 2, got {num_train_timesteps}"
+                    "num_train_timesteps must be between 2 and {MAX_TRAIN_TIMESTEPS}, got {num_train_timesteps}"
                 ),
             });
         }
