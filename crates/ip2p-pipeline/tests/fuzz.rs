@@ -318,8 +318,22 @@ proptest! {
         let text = mutate_json(&std::fs::read(tiny("scheduler/scheduler_config.json")).unwrap(), &e);
         if let Ok(cfg) = ip2p_sched::SchedulerConfig::from_json_str(&String::from_utf8_lossy(&text)) {
             for kind in ip2p_sched::SchedulerKind::ALL {
-                if let Ok(mut s) = ip2p_sched::build::<B>(&cfg, Some(kind)) {
-                    let _ = s.set_timesteps(steps);
+                if let Ok(mut s) = ip2p_sched::build::<B>(&cfg, Some(kind))
+                    && s.set_timesteps(steps).is_ok()
+                {
+                    // Every step of a short run, on a small latent.
+                    let device = Default::default();
+                    let mut x = Tensor::<B, 4>::ones([1, 4, 2, 2], &device);
+                    for t in s.timesteps().to_vec().into_iter().take(8) {
+                        let input = s.scale_model_input(x.clone(), t);
+                        prop_assert!(input.is_ok() || s.timesteps().is_empty());
+                        let eps = Tensor::<B, 4>::ones([1, 4, 2, 2], &device).mul_scalar(0.1);
+                        let noise = Some(Tensor::<B, 4>::zeros([1, 4, 2, 2], &device));
+                        match s.step(eps, t, x.clone(), noise) {
+                            Ok(out) => x = out.prev_sample,
+                            Err(_) => break,
+                        }
+                    }
                 }
             }
         }

@@ -313,6 +313,17 @@ impl SchedulerConfig {
                 ),
             });
         }
+        // A timestep at or past num_train_timesteps has no noise level (diffusers would fail
+        // indexing its tables mid-run); refused here, before any step.
+        let steps_offset = r.steps_offset.unwrap_or(0);
+        if steps_offset >= num_train_timesteps {
+            return Err(SchedError::InvalidConfig {
+                class,
+                reason: format!(
+                    "steps_offset {steps_offset} must be below num_train_timesteps {num_train_timesteps}"
+                ),
+            });
+        }
         Ok(BaseConfig {
             num_train_timesteps,
             beta_start,
@@ -320,7 +331,7 @@ impl SchedulerConfig {
             beta_schedule,
             prediction_type,
             timestep_spacing,
-            steps_offset: r.steps_offset.unwrap_or(0),
+            steps_offset,
         })
     }
 
