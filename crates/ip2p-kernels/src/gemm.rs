@@ -201,14 +201,7 @@ pub fn matmul(c: MatMut, a: MatRef, b: MatRef, alpha: f32, accumulate: bool, thr
 
 /// [`matmul`] with `m` or `n` of 1, through a 2-row or 2-column copy (`gemm` has matrix-vector
 /// kernels that sum in another order than its matrix kernel).
-fn vector_product(
-    c: MatMut,
-    a: MatRef,
-    b: MatRef,
-    alpha: f32,
-    accumulate: bool,
-    threads: Threads,
-) {
+fn vector_product(c: MatMut, a: MatRef, b: MatRef, alpha: f32, accumulate: bool, threads: Threads) {
     let (m, n, k) = (c.rows, c.cols, a.cols);
     let (pm, pn) = (m.max(2), n.max(2));
     // Row (column) 0 is the real one; the copy in row (column) 1 is discarded.

@@ -76,7 +76,11 @@ pub fn parse(bytes: &[u8]) -> Result<(Vec<f32>, Vec<usize>), String> {
             .chunks_exact(2)
             .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
-        other => return Err(format!("`latents` has dtype {other:?}; use f32, f16 or bf16")),
+        other => {
+            return Err(format!(
+                "`latents` has dtype {other:?}; use f32, f16 or bf16"
+            ));
+        }
     };
     if values.len() != shape.iter().product::<usize>() {
         return Err(format!(
@@ -101,7 +105,8 @@ pub fn encode<B: Backend>(latents: Tensor<B, 4>) -> Result<Vec<u8>, LatentsError
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes)
         .map_err(|e| LatentsError::Encode(e.to_string()))?;
-    safetensors::serialize([("latents", view)], None).map_err(|e| LatentsError::Encode(e.to_string()))
+    safetensors::serialize([("latents", view)], None)
+        .map_err(|e| LatentsError::Encode(e.to_string()))
 }
 
 /// Write `latents` to `path` atomically (a temporary file in the same folder, then renamed).

@@ -24,8 +24,8 @@ pub use edit::{
     run_diffusion_inference_batch,
 };
 pub use error::PipelineError;
-pub use latents::LatentsError;
 pub use ip2p_sched::{Generator, RngKind};
+pub use latents::LatentsError;
 pub use memory::{CountingAllocator, MemoryProbe, NoProbe, SampledPeak};
 pub use model::{Ip2pModel, LoadOptions, LoadTimes};
 pub use one_shot::{OneShotOutput, edit_one_shot};

@@ -411,7 +411,11 @@ fn encoded_images() -> &'static [Vec<u8>; 3] {
 fn prompt_encoder() -> &'static PromptEncoder<B> {
     static TEXT: OnceLock<PromptEncoder<B>> = OnceLock::new();
     TEXT.get_or_init(|| {
-        PromptEncoder::load(fixtures_dir().join("models").join("tiny"), None, &Default::default())
-            .unwrap()
+        PromptEncoder::load(
+            fixtures_dir().join("models").join("tiny"),
+            None,
+            &Default::default(),
+        )
+        .unwrap()
     })
 }

@@ -12,7 +12,6 @@ use serde::Deserialize;
 
 use crate::error::SchedError;
 
-
 /// Most training timesteps a config may name (each is a row of the noise tables).
 pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
 

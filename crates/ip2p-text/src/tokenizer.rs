@@ -126,7 +126,10 @@ fn read_tokenizer_json(path: &Path) -> Result<Tokenizer, TextError> {
     match std::panic::catch_unwind(move || serde_json::from_value::<Tokenizer>(value)) {
         Ok(Ok(tokenizer)) => Ok(tokenizer),
         Ok(Err(e)) => Err(tok_err(path, e.to_string())),
-        Err(_) => Err(tok_err(path, "not a tokenizer the tokenizers crate can read")),
+        Err(_) => Err(tok_err(
+            path,
+            "not a tokenizer the tokenizers crate can read",
+        )),
     }
 }
 

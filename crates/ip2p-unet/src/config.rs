@@ -8,7 +8,6 @@ use serde_json::Value;
 
 use crate::UnetError;
 
-
 /// Largest block, layer or head count a config may hold.
 const MAX_COUNT: usize = 1024;
 /// Largest channel width, head count or head size a config may hold.
