@@ -96,6 +96,8 @@ fn limits_are_refused_with_their_message() {
     let mut png = std::fs::read(&a).unwrap();
     png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
     png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
     std::fs::write(&bomb, &png).unwrap();
     let o = ip2p(&["--image", s(&bomb), "--prompt", "x", "--output", s(&out)]);
     let err = stderr(&o);
@@ -119,6 +121,22 @@ fn limits_are_refused_with_their_message() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("longer than the text encoder's 77 tokens"));
     assert!(out.exists());
+}
+
+/// PNG's chunk checksum (CRC-32, polynomial 0xEDB88320).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 == 1 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
 }
 
 /// The run of [`determinism`]: a batch of two at 24×32 (12×16 latents, where the kernels once
