@@ -63,7 +63,7 @@ fn limits_are_refused_with_their_message() {
     let cases: [(&[&str], &str); 5] = [
         (
             &["--max-pixels", "3000"],
-            "64×48 (3072 pixels), above the limit of 3000 (--max-pixels)",
+            "64×48 (3072 pixels), above the limit of 3000 (--max-pixels",
         ),
         (
             &["--steps", "1001"],

@@ -53,7 +53,7 @@ pub enum VaeError {
     },
     /// The image has more pixels than the limit (checked from its header, before decoding).
     #[error(
-        "{path}: the image is {width}×{height} ({} pixels), above the limit of {max_pixels} (--max-pixels)",
+        "{path}: the image is {width}×{height} ({} pixels), above the limit of {max_pixels} (--max-pixels; resize the image or raise the limit)",
         u64::from(*width) * u64::from(*height)
     )]
     ImageTooLarge {

@@ -30,9 +30,9 @@ pub enum ResizeRule {
 }
 
 /// The default of [`load_image`] and [`decode_image`]'s pixel limit: what the machine's memory
-/// holds for the VAE at that size (about 4 KiB of activations per input pixel in SD 1.5's VAE
-/// encoder and decoder, so a quarter of `MemTotal` / 4 KiB), between 4 and 64 megapixels;
-/// 16 Mpx where the memory cannot be read.
+/// holds for SD 1.5's VAE at that size (about 4 KiB of activations per pixel in its encoder
+/// and decoder, so `MemTotal` / 4 KiB), between 4 and 64 megapixels; 16 Mpx where the memory
+/// cannot be read.
 pub fn default_max_pixels() -> u64 {
     const MIN: u64 = 4 << 20;
     const MAX: u64 = 64 << 20;
@@ -43,7 +43,7 @@ pub fn default_max_pixels() -> u64 {
             .map(|kib| kib << 10)
     });
     match total {
-        Some(bytes) => (bytes / 4 / 4096).clamp(MIN, MAX),
+        Some(bytes) => (bytes / 4096).clamp(MIN, MAX),
         None => 16 << 20,
     }
 }
