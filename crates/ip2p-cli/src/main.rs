@@ -112,3 +112,25 @@ fn one_line_panics() {
         eprintln!("error: internal error: {message}{place}");
     }));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("scheduler: {0}")]
+    struct Wraps(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("2000 steps exceed\n  the 1000 training timesteps")]
+    struct Inner;
+
+    #[test]
+    fn errors_print_as_one_line_without_repeats() {
+        let e = anyhow::Error::new(Wraps(Inner)).context("editing with m");
+        assert_eq!(
+            one_line(&e),
+            "editing with m: scheduler: 2000 steps exceed the 1000 training timesteps"
+        );
+    }
+}
