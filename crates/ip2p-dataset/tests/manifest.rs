@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ip2p_dataset::{DatasetError, Manifest, PromptSource};
 
