@@ -289,7 +289,9 @@ fn killed_runs_leave_the_old_file_or_the_new_one() {
 #[test]
 fn ctrl_c_stops_writes_nothing_and_exits_non_zero() {
     let dir = workdir("sigint");
-    let a = image(&dir, "a.png", 64, 64, 2);
+    // 1000 steps at 128² (64² latents): seconds of work even on a fast machine, so the signal
+    // lands mid-run.
+    let a = image(&dir, "a.png", 128, 128, 2);
     let out = dir.join("out.png");
     std::fs::write(&out, b"old").unwrap();
     let child = edit_command(&[
@@ -306,7 +308,7 @@ fn ctrl_c_stops_writes_nothing_and_exits_non_zero() {
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(800));
     let sent = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
