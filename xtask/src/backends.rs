@@ -234,10 +234,45 @@ pub fn run_backend<B: Backend>(
 
 /// The message of a caught panic.
 pub(crate) fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
+    let text = p
+        .downcast_ref::<String>()
         .cloned()
         .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into())
+        .unwrap_or_else(|| "unknown panic".into());
+    one_line(&text)
+}
+
+/// Most characters of a skip reason: a reason is one readable line of the report.
+const REASON_CHARS: usize = 160;
+
+/// `text` as one line: a panic message's debug dump (wgpu prints its whole adapter request)
+/// cut where the first struct dump (` {`) starts, whitespace collapsed, at most
+/// [`REASON_CHARS`].
+pub fn one_line(text: &str) -> String {
+    let joined = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let cut = joined.find(" {").map_or(&joined[..], |i| &joined[..i]);
+    let cut = cut.trim_end_matches([':', ' ', '(']);
+    let mut line = cut.to_string();
+    if line.chars().count() > REASON_CHARS {
+        line = line.chars().take(REASON_CHARS - 1).collect::<String>() + "…";
+    }
+    if line.is_empty() {
+        "unknown panic".into()
+    } else {
+        line
+    }
+}
+
+/// `f()`, with a panic caught and returned as its one-line text; Rust's panic report (a
+/// multi-line message and backtrace on stderr) is silenced while `f` runs.
+pub fn quiet_catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = HOOK.lock().unwrap_or_else(|e| e.into_inner());
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(previous);
+    result.map_err(|p| panic_text(&p))
 }
 
 /// Every cell of `models` marked skipped with `reason`.
@@ -298,10 +333,9 @@ pub fn wgpu_adapter() -> Result<Adapter, String> {
     static ADAPTER: std::sync::OnceLock<Result<Adapter, String>> = std::sync::OnceLock::new();
     ADAPTER
         .get_or_init(|| {
-            let setup = catch_unwind(|| {
+            let setup = quiet_catch(|| {
                 init_setup::<AutoGraphicsApi>(&WgpuDevice::default(), RuntimeOptions::default())
-            })
-            .map_err(|p| panic_text(&p))?;
+            })?;
             let info = setup.adapter.get_info();
             let device_type = format!("{:?}", info.device_type);
             Ok(Adapter {
@@ -587,5 +621,23 @@ pub fn parity(
                 parity::skip_all(label, plan, "built without feature cuda")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn skip_reasons_are_one_short_line() {
+        let dump = "called `Result::unwrap()` on an `Err` value: NotFound {\n    power_preference: HighPerformance,\n    supported_backends: Backends(VULKAN | GL),\n}";
+        assert_eq!(
+            one_line(dump),
+            "called `Result::unwrap()` on an `Err` value: NotFound"
+        );
+        assert_eq!(one_line("no\n  adapter"), "no adapter");
+        let long = "x".repeat(500);
+        assert_eq!(one_line(&long).chars().count(), super::REASON_CHARS);
+        assert_eq!(one_line(""), "unknown panic");
     }
 }

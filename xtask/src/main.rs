@@ -344,10 +344,11 @@ fn parity(args: ParityArgs) -> Result<()> {
         .out
         .unwrap_or_else(|| xtask::workspace_root().join("target").join("bench"));
     std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("parity.md"), &md)?;
-    std::fs::write(
+    ip2p_io::write(out.join("parity.md"), md.as_bytes())?;
+    ip2p_io::write(
         out.join("parity.json"),
-        serde_json::to_string_pretty(&serde_json::json!({ "command": command, "cases": rows }))?,
+        serde_json::to_string_pretty(&serde_json::json!({ "command": command, "cases": rows }))?
+            .as_bytes(),
     )?;
     println!("{md}");
     println!("Reports: {}/{{parity.md,parity.json}}", out.display());

@@ -816,7 +816,8 @@ impl OpsReport {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let write = |name: &str, text: String| {
             let p = dir.join(name);
-            std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))
+            // Atomic: an interrupted bench leaves the previous report, not half of one.
+            ip2p_io::write(&p, text.as_bytes()).map_err(anyhow::Error::from)
         };
         write("ops.md", self.markdown())?;
         write("ops.json", serde_json::to_string_pretty(self)?)?;

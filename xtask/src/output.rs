@@ -442,7 +442,8 @@ impl Report {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let write = |name: &str, text: String| {
             let p = dir.join(name);
-            std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))
+            // Atomic: an interrupted bench leaves the previous report, not half of one.
+            ip2p_io::write(&p, text.as_bytes()).map_err(anyhow::Error::from)
         };
         write("report.md", self.markdown())?;
         write("report.json", serde_json::to_string_pretty(self)?)?;

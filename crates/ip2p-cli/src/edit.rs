@@ -1,10 +1,10 @@
 //! `ip2p edit`: edit images with instructions using a diffusers InstructPix2Pix folder or an
 //! original single-file checkpoint.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use ip2p_nn::Backend;
@@ -13,10 +13,13 @@ use ip2p_pipeline::{
     edit_one_shot,
 };
 use ip2p_sched::SchedulerKind;
-use ip2p_vae::image_io::{ResizeRule, load_image, resize_for_vae, target_size};
+use ip2p_vae::image_io::{
+    ResizeRule, default_max_pixels, load_image_limited, resize_for_vae, target_size,
+};
 use ip2p_vae::{images_to_tensor, tensor_to_images};
 
 use crate::backend::{BackendKind, DTypeArg};
+use crate::interrupt::Interrupt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Resize {
@@ -56,6 +59,11 @@ pub struct EditArgs {
     /// Input image (PNG, JPEG, WebP). Repeat to edit a batch; paired in order with --prompt.
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
+    /// Refuse input images with more pixels than this (read from the file's header, before
+    /// decoding). Default: what the machine's memory holds for the VAE at that size, at most
+    /// 64 Mpx.
+    #[arg(long)]
+    pub max_pixels: Option<u64>,
     /// The edit instruction. Repeat, one per image.
     #[arg(long = "prompt", required = true)]
     pub prompts: Vec<String>,
@@ -85,7 +93,7 @@ pub struct EditArgs {
     /// Initial noise: safetensors with tensor `latents` [batch, 4, h/8, w/8], unit Gaussian.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
-    /// Write the final latents (tensor `latents`) here.
+    /// Write the final latents (tensor `latents`) here (with --output too: both are written).
     #[arg(long)]
     pub output_latents: Option<PathBuf>,
     /// Skip the VAE decode (and do not load the VAE if --image-latents is given too).
@@ -148,6 +156,7 @@ pub fn run(args: &EditArgs) -> Result<()> {
 }
 
 fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe) -> Result<()> {
+    let interrupt = Interrupt::install();
     let latents_in = args.image_latents.is_some();
     let decode = !args.no_decode;
     let n = if latents_in {
@@ -175,20 +184,37 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
     });
     // One-shot: each part is loaded for its stage and dropped after it (ip2p_pipeline::one_shot),
     // so only the configs (and a single file's header) are read before the images.
-    let vae_config = ip2p_pipeline::model::ModelSource::open(&args.model, &options)
-        .and_then(|source| source.vae_config())
+    let source = ip2p_pipeline::model::ModelSource::open(&args.model, &options)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let vae_config = source
+        .vae_config()
         .with_context(|| format!("loading {}", args.model.display()))?;
     let factor = vae_config.downscale_factor() as u32;
+    // diffusers' warning: CLIP sees the first model_max_length tokens only.
+    let tokenizer = source
+        .tokenizer()
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    for (i, prompt) in args.prompts.iter().enumerate() {
+        if tokenizer.tokenize(prompt)?.truncated {
+            eprintln!(
+                "warning: prompt {} is longer than the text encoder's {} tokens (start and end included) and was truncated, as diffusers does",
+                i + 1,
+                tokenizer.max_length()
+            );
+        }
+    }
+    drop((source, tokenizer));
 
     let input = if let Some(path) = &args.image_latents {
-        read_latents::<B>(path, &device)?
+        ip2p_pipeline::latents::read::<B>(path, &device)?
     } else {
-        read_images::<B>(&args.images, args.resize, factor, &device)?
+        let max_pixels = args.max_pixels.unwrap_or_else(default_max_pixels);
+        read_images::<B>(&args.images, args.resize, factor, max_pixels, &device)?
     };
     let init_latents = args
         .init_latents
         .as_ref()
-        .map(|p| read_latents::<B>(p, &device))
+        .map(|p| ip2p_pipeline::latents::read::<B>(p, &device))
         .transpose()?;
     let kind = args
         .scheduler
@@ -206,10 +232,15 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
             .progress_chars("=> "),
     );
     bar.set_message("denoising");
+    let stop = interrupt.clone();
     let mut on_step = |info: &StepInfo<'_, B>| {
         bar.set_length(info.steps as u64);
         bar.set_position(info.step as u64 + 1);
-        Flow::Continue
+        if stop.requested() {
+            Flow::Cancel
+        } else {
+            Flow::Continue
+        }
     };
     let settings = RunSettings {
         options: EditOptions {
@@ -228,7 +259,7 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
         callback: Some(&mut on_step),
         activation_model: None,
     };
-    let out = edit_one_shot(
+    let result = edit_one_shot(
         &args.model,
         &device,
         &options,
@@ -238,36 +269,42 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
         latents_in,
         !decode,
         settings,
-    )
-    .with_context(|| format!("editing with {}", args.model.display()))?;
+    );
     bar.finish_and_clear();
+    interrupt.check()?;
+    let out = result.with_context(|| format!("editing with {}", args.model.display()))?;
 
-    // Everything is computed before anything is written: a failure leaves no half output.
+    // Everything is computed and encoded before anything is written: a failure, or a Ctrl-C
+    // from here on, leaves no half output (and every file is replaced atomically).
     let images = if decode {
-        Some(tensor_to_images(out.output.clone())?)
+        let images = tensor_to_images(out.output.clone())?;
+        let encoded = images
+            .iter()
+            .zip(&outputs)
+            .map(|(img, path)| ip2p_vae::image_io::encode_image(img, path))
+            .collect::<Result<Vec<_>, _>>()?;
+        Some(encoded)
     } else {
         None
     };
-    if let Some(path) = &args.output_latents {
-        let latents = if decode {
-            None
-        } else {
-            Some(out.output.clone())
-        };
-        match latents {
-            Some(l) => write_latents(path, l)?,
-            None => bail!(
-                "--output-latents needs --no-decode (the decoded run does not keep its latents)"
-            ),
+    let latents = args
+        .output_latents
+        .as_ref()
+        .map(|_| ip2p_pipeline::latents::encode(out.latents.clone()))
+        .transpose()?;
+    interrupt.check()?;
+    if let (Some(path), Some(bytes)) = (&args.output_latents, &latents) {
+        ip2p_io::remove_stale_partials(path)?;
+        ip2p_io::write(path, bytes)?;
+        if !args.quiet {
+            eprintln!("wrote {}", path.display());
         }
     }
-    if let Some(images) = images {
-        for (img, path) in images.iter().zip(&outputs) {
-            ip2p_vae::save_image(img, path)
-                .with_context(|| format!("writing {}", path.display()))?;
-            if !args.quiet {
-                eprintln!("wrote {}", path.display());
-            }
+    for (bytes, path) in images.iter().flatten().zip(&outputs) {
+        ip2p_io::remove_stale_partials(path)?;
+        ip2p_io::write(path, bytes)?;
+        if !args.quiet {
+            eprintln!("wrote {}", path.display());
         }
     }
     if args.memory_report {
@@ -311,6 +348,7 @@ fn read_images<B: Backend>(
     paths: &[PathBuf],
     resize: Resize,
     factor: u32,
+    max_pixels: u64,
     device: &B::Device,
 ) -> Result<Tensor<B, 4>> {
     let rule = match resize {
@@ -319,7 +357,7 @@ fn read_images<B: Backend>(
     };
     let mut images = Vec::with_capacity(paths.len());
     for path in paths {
-        let img = load_image(path)?;
+        let img = load_image_limited(path, max_pixels)?;
         let (w, h) = img.dimensions();
         if rule == ResizeRule::Diffusers && (w % factor != 0 || h % factor != 0) {
             let (tw, th) = target_size(w, h, rule, factor);
@@ -347,61 +385,4 @@ fn read_images<B: Backend>(
         }
     }
     Ok(images_to_tensor(&images, device, DType::F32)?)
-}
-
-/// A `latents` tensor from a safetensors file (f32, f16 or bf16).
-fn read_latents<B: Backend>(path: &Path, device: &B::Device) -> Result<Tensor<B, 4>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
-    let view = st
-        .tensor("latents")
-        .with_context(|| format!("{}: no tensor named `latents`", path.display()))?;
-    let shape = view.shape().to_vec();
-    if shape.len() != 4 || shape[1] != 4 {
-        bail!(
-            "{}: `latents` has shape {shape:?}, expected [batch, 4, h/8, w/8]",
-            path.display()
-        );
-    }
-    let b = view.data();
-    let values: Vec<f32> = match view.dtype() {
-        safetensors::Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        safetensors::Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        safetensors::Dtype::BF16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => bail!(
-            "{}: `latents` has dtype {other:?}; use f32, f16 or bf16",
-            path.display()
-        ),
-    };
-    if values.iter().any(|v| !v.is_finite()) {
-        bail!("{}: `latents` holds NaN or infinite values", path.display());
-    }
-    Ok(Tensor::from_data(TensorData::new(values, shape), device))
-}
-
-/// Write `latents` (f32) atomically: a temporary file renamed into place.
-fn write_latents<B: Backend>(path: &Path, latents: Tensor<B, 4>) -> Result<()> {
-    let shape = latents.dims().to_vec();
-    let values = latents
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes)?;
-    let data = safetensors::serialize([("latents", view)], None)?;
-    let tmp = path.with_extension("safetensors.part");
-    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }

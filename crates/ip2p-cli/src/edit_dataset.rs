@@ -28,11 +28,12 @@ use ip2p_nn::Backend;
 use ip2p_pipeline::{EditOptions, Generator, Ip2pModel, LoadOptions, MemoryProbe, Prompts};
 use ip2p_pipeline::{RunSettings, StepInfo};
 use ip2p_sched::SchedulerKind;
-use ip2p_vae::image_io::{ResizeRule, load_image, resize_for_vae};
+use ip2p_vae::image_io::{ResizeRule, default_max_pixels, load_image_limited, resize_for_vae};
 use ip2p_vae::{VaeConfig, images_to_tensor, tensor_to_images};
 
 use crate::backend::{BackendKind, DTypeArg};
 use crate::edit::Resize;
+use crate::interrupt::Interrupt;
 
 #[derive(Debug, Args)]
 pub struct EditDatasetArgs {
@@ -85,6 +86,10 @@ pub struct EditDatasetArgs {
     pub variant: Option<String>,
     #[arg(long, value_enum, default_value_t = Resize::Diffusers)]
     pub resize: Resize,
+    /// Items whose image has more pixels than this fail (read from the file's header, before
+    /// decoding). Default: as `ip2p edit --max-pixels`.
+    #[arg(long)]
+    pub max_pixels: Option<u64>,
     /// Activation memory budget in MiB: a batch runs in chunks sized by resolution.
     #[arg(long)]
     pub memory_budget_mib: Option<u64>,
@@ -159,6 +164,8 @@ fn run_shard<B: Backend>(
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    // Ctrl-C: the running batch stops at its next step; items already edited are written.
+    let interrupt = Interrupt::install();
     let manifest = Manifest::read(&args.manifest)?;
     let shard = Shard::resolve(args.shard_index, args.num_shards, |k| std::env::var(k).ok())?;
     let out = OutputDir::create(output)?;
@@ -272,12 +279,13 @@ fn run_shard<B: Backend>(
         // Loader: the next groups' images, two groups ahead of the model.
         let (load_tx, load_rx) = mpsc::sync_channel::<(Range<usize>, Vec<Loaded>)>(2);
         let pending_ref = &pending;
+        let max_pixels = args.max_pixels.unwrap_or_else(default_max_pixels);
         scope.spawn(move || {
             for g in pending_ref {
                 let images = g
                     .clone()
                     .map(|i| {
-                        load_image(&items[i].image_path)
+                        load_image_limited(&items[i].image_path, max_pixels)
                             .and_then(|img| resize_for_vae(&img, rule, factor))
                             .map_err(|e| e.to_string())
                     })
@@ -299,6 +307,9 @@ fn run_shard<B: Backend>(
         let mut edited = 0;
         let mut failed = 0;
         'groups: for (group, images) in load_rx {
+            if interrupt.requested() {
+                break;
+            }
             let t = Instant::now();
             let mut ok = Vec::new();
             for (i, image) in group.clone().zip(images) {
@@ -335,9 +346,11 @@ fn run_shard<B: Backend>(
             }
             let n_items: usize = batches.iter().map(|(_, m)| m.len()).sum();
             for (key, members) in batches {
-                let outcome = edit_batch(args, &model, kind, probe, &key, items, &members);
+                let outcome =
+                    edit_batch(args, &model, kind, probe, &key, items, &members, &interrupt);
                 let (images, latents) = match outcome {
                     Ok(v) => v,
+                    Err(_) if interrupt.requested() => break 'groups,
                     Err(reason) => {
                         // A batch the model refuses (e.g. token ids out of range): each item
                         // is reported; the shard goes on.
@@ -412,7 +425,7 @@ fn run_shard<B: Backend>(
         stats.edited as f64 / secs.max(1e-9),
         results.path().display()
     );
-    Ok(())
+    interrupt.check()
 }
 
 struct Stats {
@@ -498,6 +511,7 @@ fn record(
 type BatchOutput = (Vec<RgbImage>, Option<(Vec<f32>, Vec<usize>)>);
 
 /// Edit one batch: each item with its own generator, seeded from the item.
+#[allow(clippy::too_many_arguments)]
 fn edit_batch<B: Backend>(
     args: &EditDatasetArgs,
     model: &Ip2pModel<B>,
@@ -506,6 +520,7 @@ fn edit_batch<B: Backend>(
     key: &BatchKey,
     all: &[ip2p_dataset::Item],
     members: &[(usize, RgbImage)],
+    stop: &Interrupt,
 ) -> Result<BatchOutput> {
     let text = model
         .text
@@ -533,7 +548,13 @@ fn edit_batch<B: Backend>(
         .collect();
     let mut generator = Generator::per_item(seeds);
     let mut scheduler = model.scheduler(kind)?;
-    let mut on_step = |_: &StepInfo<'_, B>| ip2p_pipeline::Flow::Continue;
+    let mut on_step = |_: &StepInfo<'_, B>| {
+        if stop.requested() {
+            ip2p_pipeline::Flow::Cancel
+        } else {
+            ip2p_pipeline::Flow::Continue
+        }
+    };
     let settings = RunSettings {
         options: EditOptions {
             steps: key.steps,

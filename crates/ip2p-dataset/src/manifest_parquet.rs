@@ -14,7 +14,20 @@ use serde_json::{Number, Value};
 use crate::error::DatasetError;
 use crate::manifest::Row;
 
+/// The rows of a Parquet file. The `parquet` crate asserts on some malformed files (a column
+/// chunk with a negative offset, found by fuzzing) instead of returning an error: such a panic
+/// is caught and reported as this file's error.
 pub(crate) fn read(path: &Path) -> Result<Vec<Row>, DatasetError> {
+    match std::panic::catch_unwind(|| read_rows(path)) {
+        Ok(result) => result,
+        Err(_) => Err(DatasetError::Parquet {
+            path: path.to_path_buf(),
+            reason: "malformed file (the parquet reader gave up on it)".into(),
+        }),
+    }
+}
+
+fn read_rows(path: &Path) -> Result<Vec<Row>, DatasetError> {
     let bad = |e: parquet::errors::ParquetError| DatasetError::Parquet {
         path: path.to_path_buf(),
         reason: e.to_string(),

@@ -4,15 +4,12 @@
 //! removed when the item's shard runs again.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 use crate::error::DatasetError;
 use crate::shard::Shard;
-
-const PARTIAL: &str = ".partial";
 
 /// Where a dataset edit writes.
 #[derive(Debug, Clone)]
@@ -75,27 +72,19 @@ impl OutputDir {
         self.path("results.jsonl")
     }
 
-    /// The temporary name this process writes `name` under.
+    /// The temporary name this process writes `name` under ([`ip2p_io::partial_path`]).
     pub fn partial_path(&self, name: &str) -> PathBuf {
-        self.path(&format!(".{name}.{}{PARTIAL}", std::process::id()))
+        ip2p_io::partial_path(&self.path(name))
     }
 
-    /// Write `bytes` to `name`: to a temporary file, synced, then renamed into place (atomic on
-    /// one file system). An existing file of that name is replaced.
+    /// Write `bytes` to `name` atomically ([`ip2p_io::write`]: a temporary file, synced, then
+    /// renamed into place). An existing file of that name is replaced.
     pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, DatasetError> {
-        let tmp = self.partial_path(name);
         let dest = self.path(name);
-        let result = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()?;
-            drop(f);
-            std::fs::rename(&tmp, &dest)
-        })();
-        if let Err(source) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(DatasetError::Io { path: dest, source });
-        }
+        ip2p_io::write(&dest, bytes).map_err(|e| DatasetError::Io {
+            path: e.path,
+            source: e.source,
+        })?;
         Ok(dest)
     }
 
@@ -122,11 +111,7 @@ impl OutputDir {
 
 /// The item id of a temporary file name `.{id}.{ext}.{pid}.partial`.
 fn partial_item(name: &str) -> Option<&str> {
-    let inner = name.strip_prefix('.')?.strip_suffix(PARTIAL)?;
-    let (file, pid) = inner.rsplit_once('.')?;
-    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
+    let (file, _pid) = ip2p_io::parse_partial(name)?;
     file.strip_suffix(".png")
         .or_else(|| file.strip_suffix(".safetensors"))
 }

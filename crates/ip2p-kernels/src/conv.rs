@@ -209,34 +209,34 @@ pub fn conv2d_im2col(
                 .copy_from_slice(&part[r * positions..(r + 1) * positions]);
         }
     }
+    // The epilogue goes in first and the GEMM adds onto it, as in the unfolded path above, so
+    // an image's values do not depend on whether its batch was folded.
     let mut tmp = vec![0.0; shape.out_channels * cols];
+    tmp.par_chunks_mut(cols).enumerate().for_each(|(co, row)| {
+        for (n, part) in row.chunks_exact_mut(positions).enumerate() {
+            let plane = (n * shape.out_channels + co) * positions;
+            write_epilogue(
+                part,
+                1,
+                positions,
+                bias.map(|b| &b[co..co + 1]),
+                residual.map(|r| &r[plane..plane + positions]),
+            );
+        }
+    });
     matmul(
         MatMut::row_major(&mut tmp, shape.out_channels, cols),
         w,
         MatRef::row_major(&col, k, cols),
         1.0,
-        false,
+        true,
         Threads::All,
     );
     out.par_chunks_mut(positions)
         .enumerate()
         .for_each(|(i, o)| {
             let (n, co) = (i / shape.out_channels, i % shape.out_channels);
-            let src = &tmp[co * cols + n * positions..co * cols + (n + 1) * positions];
-            let b = bias.map_or(0.0, |b| b[co]);
-            match residual {
-                Some(r) => {
-                    let r = &r[i * positions..(i + 1) * positions];
-                    for ((o, s), r) in o.iter_mut().zip(src).zip(r) {
-                        *o = s + b + r;
-                    }
-                }
-                None => {
-                    for (o, s) in o.iter_mut().zip(src) {
-                        *o = s + b;
-                    }
-                }
-            }
+            o.copy_from_slice(&tmp[co * cols + n * positions..co * cols + (n + 1) * positions]);
         });
 }
 

@@ -48,60 +48,6 @@ pub fn linear(
     if out_features == 0 {
         return;
     }
-    // The gemm crate picks its algorithm by size, and its small-size paths sum in other orders
-    // than its general kernel: a single row takes a matrix-vector path, `rows · out ≤ 256` with
-    // a transposed (`OutIn`) weight a dot-product path, and `rows, out ≤ 64` with `in > 512`
-    // other k-blocks. So that an item's row does not depend on how many rows share the call
-    // (guidance batch, `--batch`, memory-budget chunks), none of them is ever taken: a narrow
-    // transposed weight is laid out `[in, out]` for the call (only tiny layers: SD 1.5's
-    // narrowest has 320 outputs), and too few rows are padded with zero rows.
-    if layout == WeightLayout::OutIn && out_features <= 128 {
-        let mut in_out = vec![0.0; weight.len()];
-        for (o, w) in weight.chunks_exact(in_features).enumerate() {
-            for (i, &v) in w.iter().enumerate() {
-                in_out[i * out_features + o] = v;
-            }
-        }
-        return linear(
-            x,
-            rows,
-            in_features,
-            &in_out,
-            WeightLayout::InOut,
-            out_features,
-            bias,
-            residual,
-            out,
-        );
-    }
-    let min_rows = if out_features <= 64 && in_features > 512 {
-        65
-    } else {
-        2
-    };
-    if rows < min_rows {
-        let mut x_padded = vec![0.0; min_rows * in_features];
-        x_padded[..x.len()].copy_from_slice(x);
-        let residual_padded = residual.map(|r| {
-            let mut p = vec![0.0; min_rows * out_features];
-            p[..r.len()].copy_from_slice(r);
-            p
-        });
-        let mut out_padded = vec![0.0; min_rows * out_features];
-        linear(
-            &x_padded,
-            min_rows,
-            in_features,
-            weight,
-            layout,
-            out_features,
-            bias,
-            residual_padded.as_deref(),
-            &mut out_padded,
-        );
-        out.copy_from_slice(&out_padded[..out.len()]);
-        return;
-    }
     let accumulate = bias.is_some() || residual.is_some();
     if accumulate {
         out.par_chunks_mut(out_features)
@@ -143,8 +89,11 @@ mod tests {
             .collect()
     }
 
-    /// An item's row comes out bit for bit the same alone or among others, in either layout:
-    /// the guidance batch, `--batch` and memory-budget chunks must not change an edit.
+    /// An item's row comes out bit for bit the same alone or among others, in either layout
+    /// (the file's `[out, in]` is what the loader leaves): the guidance batch, `--batch` and
+    /// memory-budget chunks must not change an edit. [`crate::gemm::matmul`] keeps the gemm
+    /// crate off its small-size paths (one row, a narrow transposed weight's dot products,
+    /// deep inputs split by row count).
     #[test]
     fn a_row_is_the_same_alone_or_in_a_batch() {
         // SD 1.5's shapes, a tiny model's (the dot-product path), narrow and deep (k-blocks).

@@ -34,9 +34,11 @@ const SCRATCH_FLOATS: usize = 8 << 20;
 /// The widest f32 vector of any instruction set [`isa::dispatch`] picks (AVX-512).
 const MAX_LANES: usize = 16;
 
-/// Fewest tiles (of the algorithm used, over the batch) at which Winograd measured faster
-/// than im2col + GEMM: with fewer, transforming every weight costs more than the GEMMs save.
-const MIN_TILES: usize = 40;
+/// Fewest tiles per image (of the algorithm used) at which Winograd measured faster than
+/// im2col + GEMM for a guidance batch of three (40 tiles over the batch): with fewer,
+/// transforming every weight costs more than the GEMMs save. Counted per image, not over the
+/// batch, so an image takes the same algorithm, and gets the same bits, in any batch.
+const MIN_TILES: usize = 14;
 
 /// Fewest input channels at which Winograd measured faster: with fewer, the output transform
 /// (per output channel and tile) outweighs the small GEMMs.
@@ -58,8 +60,9 @@ const BANDS_PER_THREAD: usize = 4;
 
 /// Whether `shape` is one this module handles (3×3, stride 1, padding 1 on every side) and one
 /// where it measured faster than im2col + GEMM (`examples/winograd_speed.rs`): at least 16
-/// input channels and 40 tiles, which in SD 1.5 leaves out the UNet's 4×4 maps and the convs
-/// from the 3-, 4- and 8-channel images and latents.
+/// input channels and [`MIN_TILES`] tiles per image, which in SD 1.5 leaves out the UNet's 4×4
+/// maps and the convs from the 3-, 4- and 8-channel images and latents. It depends on one
+/// image's shape only, never on the batch size.
 pub fn suitable(shape: &Conv2dShape) -> bool {
     handles(shape) && shape.in_channels >= MIN_IN_CHANNELS && tiles(shape, side(shape)) >= MIN_TILES
 }
@@ -68,13 +71,13 @@ fn handles(shape: &Conv2dShape) -> bool {
     shape.kernel == [3, 3] && shape.stride == [1, 1] && shape.padding == [1; 4]
 }
 
-/// Tiles of side `m` over the batch.
+/// Tiles of side `m` per image.
 fn tiles(shape: &Conv2dShape, m: usize) -> usize {
-    shape.batch * shape.height.div_ceil(m) * shape.width.div_ceil(m)
+    shape.height.div_ceil(m) * shape.width.div_ceil(m)
 }
 
 /// The output tile side to use: 4 (F(4×4, 3×3)) when the map is at least 8 wide and high and
-/// gives [`MIN_TILES`] such tiles, else 2. With fewer tiles F(4×4)'s weight transform, 36
+/// gives [`MIN_TILES`] such tiles per image, else 2. With fewer tiles F(4×4)'s weight transform, 36
 /// values per kernel against F(2×2)'s 16, costs more than its GEMMs save (measured: at 8×8,
 /// 12×12 and at 16×16 with batch 1, F(2×2) is faster; at 16×16 with batch 3, F(4×4)).
 fn side(shape: &Conv2dShape) -> usize {

@@ -15,6 +15,8 @@ pub enum PipelineError {
     Vae(#[from] ip2p_vae::VaeError),
     #[error("UNet: {0}")]
     Unet(#[from] ip2p_unet::UnetError),
+    #[error(transparent)]
+    Latents(#[from] crate::latents::LatentsError),
     #[error("scheduler: {0}")]
     Sched(#[from] ip2p_sched::SchedError),
     /// The folder is a diffusers pipeline, but not one InstructPix2Pix can run.

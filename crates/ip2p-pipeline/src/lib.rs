@@ -9,6 +9,7 @@
 pub mod batching;
 pub mod edit;
 pub mod error;
+pub mod latents;
 pub mod memory;
 pub mod model;
 pub mod one_shot;
@@ -23,6 +24,7 @@ pub use edit::{
 };
 pub use error::PipelineError;
 pub use ip2p_sched::{Generator, RngKind};
+pub use latents::LatentsError;
 pub use memory::{CountingAllocator, MemoryProbe, NoProbe, SampledPeak};
 pub use model::{Ip2pModel, LoadOptions, LoadTimes};
 pub use one_shot::{OneShotOutput, edit_one_shot};

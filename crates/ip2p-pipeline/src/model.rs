@@ -196,6 +196,14 @@ impl ModelSource {
         }
     }
 
+    /// The tokenizer alone (for checking prompts before anything is loaded).
+    pub fn tokenizer(&self) -> Result<ClipTokenizer, PipelineError> {
+        match self {
+            Self::Folder(dir) => Ok(ClipTokenizer::from_dir(dir.join("tokenizer"))?),
+            Self::File(f) => f.tokenizer(),
+        }
+    }
+
     /// The tokenizer and text encoder, in `options.dtype`.
     pub fn load_text<B: Backend>(
         &self,

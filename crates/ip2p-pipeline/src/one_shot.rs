@@ -26,6 +26,9 @@ use crate::report::{RunReport, Stage, Tracker};
 /// The result of [`edit_one_shot`]: as [`crate::EditOutput`], with what loading took.
 pub struct OneShotOutput<B: Backend> {
     pub output: Tensor<B, 4>,
+    /// The final latents (equal to `output` when latents were asked for), so a decoded run can
+    /// write them too.
+    pub latents: Tensor<B, 4>,
     pub report: RunReport,
     /// The VAE's time counts both of its loads.
     pub load_times: LoadTimes,
@@ -55,6 +58,9 @@ pub fn edit_one_shot<B: Backend>(
     let sync = || B::sync(device).map_err(|e| PipelineError::Device(e.to_string()));
     let n = images_or_latents.dims()[0];
     check_batch(n, &prompts, &settings.options)?;
+    // The step count against the scheduler's training steps, before any part is loaded.
+    ip2p_sched::build::<B>(&source.scheduler_config()?, scheduler)?
+        .set_timesteps(settings.options.steps)?;
 
     // Text: prompt and negative embeddings; the encoder is dropped at the end of the block.
     let prompts = match prompts {
@@ -109,6 +115,7 @@ pub fn edit_one_shot<B: Backend>(
     tracker.cleanup();
     tracker.report.stages.extend(run.report.stages);
 
+    let latents = run.output.clone();
     let output = if return_latents {
         run.output
     } else {
@@ -124,6 +131,7 @@ pub fn edit_one_shot<B: Backend>(
     times.total_s = started.elapsed().as_secs_f64();
     Ok(OneShotOutput {
         output,
+        latents,
         report: tracker.report,
         load_times: times,
     })

@@ -12,6 +12,9 @@ use serde::Deserialize;
 
 use crate::error::SchedError;
 
+/// Most training timesteps a config may name (each is a row of the noise tables).
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
 /// The scheduler classes ip2p implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SchedulerKind {
@@ -221,11 +224,13 @@ impl SchedulerConfig {
         let class = kind.class_name();
         let r = &self.raw;
         let num_train_timesteps = r.num_train_timesteps.unwrap_or(1000);
-        if num_train_timesteps < 2 {
+        // The tables are num_train_timesteps long: bounded, so a hostile config cannot ask for
+        // terabytes (diffusers' models use 1000).
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&num_train_timesteps) {
             return Err(SchedError::InvalidConfig {
                 class,
                 reason: format!(
-                    "num_train_timesteps must be at least 2, got {num_train_timesteps}"
+                    "num_train_timesteps must be between 2 and {MAX_TRAIN_TIMESTEPS}, got {num_train_timesteps}"
                 ),
             });
         }
@@ -307,6 +312,17 @@ impl SchedulerConfig {
                 ),
             });
         }
+        // A timestep at or past num_train_timesteps has no noise level (diffusers would fail
+        // indexing its tables mid-run); refused here, before any step.
+        let steps_offset = r.steps_offset.unwrap_or(0);
+        if steps_offset >= num_train_timesteps {
+            return Err(SchedError::InvalidConfig {
+                class,
+                reason: format!(
+                    "steps_offset {steps_offset} must be below num_train_timesteps {num_train_timesteps}"
+                ),
+            });
+        }
         Ok(BaseConfig {
             num_train_timesteps,
             beta_start,
@@ -314,7 +330,7 @@ impl SchedulerConfig {
             beta_schedule,
             prediction_type,
             timestep_spacing,
-            steps_offset: r.steps_offset.unwrap_or(0),
+            steps_offset,
         })
     }
 

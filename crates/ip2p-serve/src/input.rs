@@ -8,7 +8,7 @@ use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::header::CONTENT_TYPE;
 use base64::Engine;
 use image::RgbImage;
-use ip2p_vae::image_io::{ResizeRule, decode_image, resize_for_vae, target_size};
+use ip2p_vae::image_io::{ResizeRule, decode_image_limited, resize_for_vae, target_size};
 
 use crate::error::ApiError;
 use crate::params::EditRequest;
@@ -89,7 +89,8 @@ pub fn prepare_image(
             "image: {w}×{h} is {pixels} pixels; the limit is {max_pixels}"
         )));
     }
-    let img = decode_image(bytes, "image").map_err(|e| ApiError::bad(e.to_string()))?;
+    let img = decode_image_limited(bytes, "image", max_pixels)
+        .map_err(|e| ApiError::bad(e.to_string()))?;
     let rule = ResizeRule::Ip2p { resolution };
     let (tw, th) = target_size(w, h, rule, vae_factor);
     if tw as u64 * th as u64 > MAX_OUTPUT_PIXELS {

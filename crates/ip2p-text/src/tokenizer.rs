@@ -117,6 +117,22 @@ fn read_json(path: &Path) -> Result<Option<Value>, TextError> {
     Ok(Some(value))
 }
 
+/// A `tokenizer.json`: read as JSON first (so a truncated or malformed file is a plain error),
+/// then given to the `tokenizers` crate, whose deserializer panics on some malformed parts (a
+/// `decoder` of the wrong shape: `expect("Helper")` in tokenizers 0.22); such a panic is caught
+/// and reported as this file's error.
+fn read_tokenizer_json(path: &Path) -> Result<Tokenizer, TextError> {
+    let value = read_json(path)?.ok_or_else(|| tok_err(path, "missing"))?;
+    match std::panic::catch_unwind(move || serde_json::from_value::<Tokenizer>(value)) {
+        Ok(Ok(tokenizer)) => Ok(tokenizer),
+        Ok(Err(e)) => Err(tok_err(path, e.to_string())),
+        Err(_) => Err(tok_err(
+            path,
+            "not a tokenizer the tokenizers crate can read",
+        )),
+    }
+}
+
 /// A special token entry: `"<|endoftext|>"` or `{"content": "<|endoftext|>", "normalized": …}`.
 fn special_entry(value: &Value, key: &str, path: &Path) -> Result<Option<Special>, TextError> {
     match value.get(key) {
@@ -337,8 +353,7 @@ impl ClipTokenizer {
         let cfg = FolderConfig::read(dir)?;
         let json = dir.join("tokenizer.json");
         let (inner, source) = if json.is_file() {
-            let tk = Tokenizer::from_file(&json).map_err(|e| tok_err(&json, e.to_string()))?;
-            (tk, json)
+            (read_tokenizer_json(&json)?, json)
         } else {
             (build_clip(dir, &cfg)?, dir.to_path_buf())
         };

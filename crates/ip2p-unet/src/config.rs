@@ -8,6 +8,11 @@ use serde_json::Value;
 
 use crate::UnetError;
 
+/// Largest block, layer or head count a config may hold.
+const MAX_COUNT: usize = 1024;
+/// Largest channel width, head count or head size a config may hold.
+const MAX_WIDTH: usize = 1 << 20;
+
 /// The real InstructPix2Pix UNet config (timbrooks/instruct-pix2pix `unet/config.json`): SD 1.5's
 /// v1 UNet with 8 input channels (the noisy latents and the encoded input image).
 pub const SD15_IP2P_CONFIG: &str = include_str!("sd15_ip2p_unet_config.json");
@@ -261,6 +266,24 @@ impl UNet2DConditionConfig {
             value: "null".into(),
             supported: "a number of groups",
         })?;
+        // Counts far beyond any real model are refused here, so no later arithmetic on them
+        // can overflow and no layer list can grow without bound.
+        for (field, values, max) in [
+            ("layers_per_block", &layers, MAX_COUNT),
+            ("num_attention_heads", &heads, MAX_WIDTH),
+            ("transformer_layers_per_block", &tlayers, MAX_COUNT),
+            ("block_out_channels", &self.block_out_channels, MAX_WIDTH),
+            ("cross_attention_dim", &cross_dims, MAX_WIDTH),
+        ] {
+            if let Some(v) = values.iter().find(|&&v| v > max) {
+                return Err(invalid(format!("`{field}` holds {v}, above {max}")));
+            }
+        }
+        if n > MAX_COUNT || groups == 0 || groups > MAX_WIDTH {
+            return Err(invalid(format!(
+                "{n} blocks and {groups} norm groups: at most {MAX_COUNT} blocks, 1 to {MAX_WIDTH} groups"
+            )));
+        }
 
         let kind = |t: &str, plain: &str, cross: &str, field: &'static str| {
             if t == cross {

@@ -51,6 +51,17 @@ pub enum VaeError {
         height: u32,
         min: u32,
     },
+    /// The image has more pixels than the limit (checked from its header, before decoding).
+    #[error(
+        "{path}: the image is {width}×{height} ({} pixels), above the limit of {max_pixels} (--max-pixels; resize the image or raise the limit)",
+        u64::from(*width) * u64::from(*height)
+    )]
+    ImageTooLarge {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        max_pixels: u64,
+    },
     /// The output file name has no extension ip2p can write.
     #[error("{path}: cannot write this format (use .png, .jpg/.jpeg or .webp)")]
     UnsupportedFormat { path: PathBuf },

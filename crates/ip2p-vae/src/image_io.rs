@@ -29,26 +29,64 @@ pub enum ResizeRule {
     None,
 }
 
-/// Read a PNG, JPEG or WebP file as 8-bit RGB (alpha dropped, greyscale expanded).
+/// The default of [`load_image`] and [`decode_image`]'s pixel limit: what the machine's memory
+/// holds for SD 1.5's VAE at that size (about 4 KiB of activations per pixel in its encoder
+/// and decoder, so `MemTotal` / 4 KiB), between 4 and 64 megapixels; 16 Mpx where the memory
+/// cannot be read.
+pub fn default_max_pixels() -> u64 {
+    const MIN: u64 = 4 << 20;
+    const MAX: u64 = 64 << 20;
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib << 10)
+    });
+    match total {
+        Some(bytes) => (bytes / 4096).clamp(MIN, MAX),
+        None => 16 << 20,
+    }
+}
+
+/// Read a PNG, JPEG or WebP file as 8-bit RGB (alpha dropped, greyscale expanded), refusing
+/// images above [`default_max_pixels`].
 pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage, VaeError> {
+    load_image_limited(path, default_max_pixels())
+}
+
+/// [`load_image`] with a pixel limit of `max_pixels`.
+pub fn load_image_limited(path: impl AsRef<Path>, max_pixels: u64) -> Result<RgbImage, VaeError> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|source| VaeError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    decode_image(&bytes, path)
+    decode_image_limited(&bytes, path, max_pixels)
 }
 
-/// Decode image bytes; `name` is only used in errors.
+/// Decode image bytes; `name` is only used in errors. Images above [`default_max_pixels`] are
+/// refused.
 pub fn decode_image(bytes: &[u8], name: impl AsRef<Path>) -> Result<RgbImage, VaeError> {
+    decode_image_limited(bytes, name, default_max_pixels())
+}
+
+/// [`decode_image`] with a pixel limit of `max_pixels`. The size is read from the file's header
+/// and checked before anything is decoded, and the decoder may allocate no more than that many
+/// pixels need (16-bit RGBA), so a decompression bomb is refused, not expanded.
+pub fn decode_image_limited(
+    bytes: &[u8],
+    name: impl AsRef<Path>,
+    max_pixels: u64,
+) -> Result<RgbImage, VaeError> {
     let path = name.as_ref().to_path_buf();
     if bytes.is_empty() {
         return Err(VaeError::EmptyImage { path });
     }
-    let format = image::guess_format(bytes).map_err(|e| VaeError::CorruptImage {
+    let corrupt = |e: image::ImageError| VaeError::CorruptImage {
         path: path.clone(),
         reason: e.to_string(),
-    })?;
+    };
+    let format = image::guess_format(bytes).map_err(corrupt)?;
     if !matches!(
         format,
         ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP
@@ -58,11 +96,24 @@ pub fn decode_image(bytes: &[u8], name: impl AsRef<Path>) -> Result<RgbImage, Va
             reason: format!("{format:?} is not supported"),
         });
     }
-    let img =
-        image::load_from_memory_with_format(bytes, format).map_err(|e| VaeError::CorruptImage {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+    let reader = || image::ImageReader::with_format(Cursor::new(bytes), format);
+    let (width, height) = reader().into_dimensions().map_err(corrupt)?;
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(VaeError::ImageTooLarge {
+            path,
+            width,
+            height,
+            max_pixels,
+        });
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(width);
+    limits.max_image_height = Some(height);
+    limits.max_alloc = Some(pixels.saturating_mul(8).max(64 << 20));
+    let mut decoder = reader();
+    decoder.limits(limits);
+    let img = decoder.decode().map_err(corrupt)?;
     let rgb = to_rgb(img);
     check_size(&rgb, &path)?;
     Ok(rgb)
@@ -90,8 +141,20 @@ fn check_size(img: &RgbImage, path: &Path) -> Result<(), VaeError> {
     Ok(())
 }
 
-/// Write `img` as PNG, JPEG (quality 95) or lossless WebP, chosen by the file extension.
+/// Write `img` as PNG, JPEG (quality 95) or lossless WebP, chosen by the file extension,
+/// atomically: encoded in memory, written to a temporary file in the same folder and renamed,
+/// so `path` holds the old image or the new one, never part of one.
 pub fn save_image(img: &RgbImage, path: impl AsRef<Path>) -> Result<(), VaeError> {
+    let path = path.as_ref();
+    let bytes = encode_image(img, path)?;
+    ip2p_io::write(path, &bytes).map_err(|e| VaeError::Io {
+        path: e.path,
+        source: e.source,
+    })
+}
+
+/// `img` encoded as [`save_image`] would write it to `path` (the format from its extension).
+pub fn encode_image(img: &RgbImage, path: impl AsRef<Path>) -> Result<Vec<u8>, VaeError> {
     let path = path.as_ref();
     let ext = path
         .extension()
@@ -120,10 +183,7 @@ pub fn save_image(img: &RgbImage, path: impl AsRef<Path>) -> Result<(), VaeError
             });
         }
     }
-    std::fs::write(path, buf.into_inner()).map_err(|source| VaeError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(buf.into_inner())
 }
 
 /// The output size of a rule for a `width × height` input; `multiple` is the VAE's factor.
