@@ -25,60 +25,35 @@ fn moments(x: &[f32]) -> (f64, f64) {
         type Output = (f64, f64);
         #[inline(always)]
         fn eval<I: Isa>(self, isa: I) -> (f64, f64) {
-            moments_in(isa, self.0)
+            let x = self.0;
+            let n = x.len().max(1) as f64;
+            // Loops, not closures: a closure would not inherit the target features.
+            let mut sum = 0.0f64;
+            for c in x.chunks(BLOCK) {
+                sum += Sum::new(c).eval(isa) as f64;
+            }
+            let mean = sum / n;
+            let mut sq = 0.0f64;
+            for c in x.chunks(BLOCK) {
+                sq += SumSquareSub::new(c, mean as f32).eval(isa) as f64;
+            }
+            (mean, sq / n)
         }
     }
     isa::dispatch(Moments(x))
 }
 
-/// [`moments`] inside an ISA's context (inlined into the caller's target features).
-#[inline(always)]
-fn moments_in<I: Isa>(isa: I, x: &[f32]) -> (f64, f64) {
-    let n = x.len().max(1) as f64;
-    // Loops, not closures: a closure would not inherit the target features.
-    let mut sum = 0.0f64;
-    for c in x.chunks(BLOCK) {
-        sum += Sum::new(c).eval(isa) as f64;
-    }
-    let mean = sum / n;
-    let mut sq = 0.0f64;
-    for c in x.chunks(BLOCK) {
-        sq += SumSquareSub::new(c, mean as f32).eval(isa) as f64;
-    }
-    (mean, sq / n)
+/// `x = (x − mean) · scale · gamma + beta` with per-element or constant gamma/beta.
+struct Affine<'a> {
+    x: &'a mut [f32],
+    opts: NormalizeOptions<'a>,
 }
 
-/// LayerNorm of consecutive rows: statistics, then `(x − mean) · inv_std · gamma + beta`
-/// straight into `out`, every row under one ISA dispatch (a dispatch per row cost more than
-/// the arithmetic at SD 1.5's 320-wide rows).
-struct LayerNormRows<'a> {
-    x: &'a [f32],
-    out: &'a mut [f32],
-    dim: usize,
-    gamma: &'a [f32],
-    beta: &'a [f32],
-    eps: f32,
-}
-
-impl SimdOp for LayerNormRows<'_> {
+impl SimdOp for Affine<'_> {
     type Output = ();
     #[inline(always)]
     fn eval<I: Isa>(self, isa: I) {
-        // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and `Normalize` writes every element,
-        // so `out` holds valid f32s afterwards.
-        let out = unsafe { &mut *(self.out as *mut [f32] as *mut [MaybeUninit<f32>]) };
-        for (o, x) in out.chunks_mut(self.dim).zip(self.x.chunks(self.dim)) {
-            let (mean, var) = moments_in(isa, x);
-            let inv_std = (1.0 / (var + self.eps as f64).sqrt()) as f32;
-            let opts = NormalizeOptions {
-                pre_scale_bias: mean as f32,
-                scale: inv_std,
-                element_scale: Some(self.gamma),
-                element_bias: Some(self.beta),
-                ..Default::default()
-            };
-            Normalize::new(x, o, opts).eval(isa);
-        }
+        Normalize::new_mut(self.x, self.opts).eval(isa);
     }
 }
 
@@ -191,17 +166,25 @@ pub fn layer_norm(
     if dim == 0 {
         return;
     }
+    // One dispatch per row, for now: a version that ran a task's rows under one dispatch (and
+    // so instantiated rten-vecmath's reductions in a second place) made LLVM stop inlining
+    // them into the AVX-512 context, and every kernel using them ran 5× slower (2026-11-30).
     let rows_per_task = (16384 / dim).max(1);
     out.par_chunks_mut(rows_per_task * dim)
         .zip(x.par_chunks(rows_per_task * dim))
         .for_each(|(out, x)| {
-            isa::dispatch(LayerNormRows {
-                x,
-                out,
-                dim,
-                gamma,
-                beta,
-                eps,
-            })
+            for (o, x) in out.chunks_mut(dim).zip(x.chunks(dim)) {
+                let (mean, var) = moments(x);
+                let inv_std = (1.0 / (var + eps as f64).sqrt()) as f32;
+                o.copy_from_slice(x);
+                let opts = NormalizeOptions {
+                    pre_scale_bias: mean as f32,
+                    scale: inv_std,
+                    element_scale: Some(gamma),
+                    element_bias: Some(beta),
+                    ..Default::default()
+                };
+                isa::dispatch(Affine { x: o, opts });
+            }
         });
 }
