@@ -57,8 +57,8 @@ pub struct EditDatasetArgs {
     /// JOB_COMPLETION_INDEX).
     #[arg(long)]
     pub num_shards: Option<usize>,
-    /// Items per batch group: consecutive manifest items edited together. Results depend (in
-    /// the last bits) on the groups, so keep it fixed across the shards and reruns of one run.
+    /// Items per batch group: consecutive manifest items edited together. On the CPU an item's
+    /// result does not depend on its group; on GPU backends keep it fixed across one run.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Steps, unless the item's `steps` column says otherwise.

@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
+mod common;
+use common::{model, workdir};
+
 const SHARD_VARS: &[&str] = &[
     "JOB_COMPLETION_INDEX",
     "SLURM_ARRAY_TASK_ID",
@@ -15,17 +18,6 @@ const SHARD_VARS: &[&str] = &[
     "RANK",
     "WORLD_SIZE",
 ];
-
-fn model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny")
-}
-
-fn workdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ip2p-ds-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// A 32×24 image (sides multiples of the tiny VAE's factor, so no resize): 16×12 latents, a
 /// size where the CPU kernels once chose their algorithm by batch size (an item alone and in a

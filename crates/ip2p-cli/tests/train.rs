@@ -1,33 +1,11 @@
 //! `ip2p prepare-data` and `ip2p train` end to end on the tiny fixture model and a generated
 //! dataset: ids stored once, a few steps, a checkpoint and a diffusers-layout UNet written.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny")
-}
-
-fn dataset(dir: &Path) {
-    std::fs::create_dir_all(dir.join("images")).unwrap();
-    let mut rows = String::new();
-    for i in 0..3u32 {
-        let img = |salt: u32| {
-            image::RgbImage::from_fn(20, 20, move |x, y| {
-                let v = (x * 11 + y * 5 + i * 40 + salt) % 256;
-                image::Rgb([v as u8, (v / 2) as u8, 255 - v as u8])
-            })
-        };
-        img(0).save(dir.join(format!("images/in{i}.png"))).unwrap();
-        img(90)
-            .save(dir.join(format!("images/out{i}.png")))
-            .unwrap();
-        rows += &format!(
-            "{{\"input_image\": \"images/in{i}.png\", \"edit_prompt\": \"make it number {i}\", \"edited_image\": \"images/out{i}.png\"}}\n"
-        );
-    }
-    std::fs::write(dir.join("metadata.jsonl"), rows).unwrap();
-}
+mod common;
+use common::{model, training_dataset};
 
 fn ip2p(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_ip2p"))
@@ -41,7 +19,7 @@ fn prepare_data_then_train_a_few_steps() {
     let root = std::env::temp_dir().join(format!("ip2p-cli-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let (data, out) = (root.join("data"), root.join("out"));
-    dataset(&data);
+    training_dataset(&data, 3);
     let m = model();
     let m = m.to_str().unwrap();
 

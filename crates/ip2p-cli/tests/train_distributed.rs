@@ -9,32 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::training_dataset;
+
 fn model() -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../fixtures/models/tiny")
         .to_string_lossy()
         .into_owned()
-}
-
-fn dataset(dir: &Path, n: u32) {
-    std::fs::create_dir_all(dir.join("images")).unwrap();
-    let mut rows = String::new();
-    for i in 0..n {
-        let img = |salt: u32| {
-            image::RgbImage::from_fn(20, 20, move |x, y| {
-                let v = (x * 11 + y * 5 + i * 40 + salt) % 256;
-                image::Rgb([v as u8, (v / 2) as u8, 255 - v as u8])
-            })
-        };
-        img(0).save(dir.join(format!("images/in{i}.png"))).unwrap();
-        img(90)
-            .save(dir.join(format!("images/out{i}.png")))
-            .unwrap();
-        rows += &format!(
-            "{{\"input_image\": \"images/in{i}.png\", \"edit_prompt\": \"make it number {i}\", \"edited_image\": \"images/out{i}.png\"}}\n"
-        );
-    }
-    std::fs::write(dir.join("metadata.jsonl"), rows).unwrap();
 }
 
 /// Child processes killed when dropped (a failing assertion leaves nothing running).
@@ -247,7 +229,7 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
     let root = std::env::temp_dir().join(format!("ip2p-cli-ddp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let data = root.join("data");
-    dataset(&data, 6);
+    training_dataset(&data, 6);
     let o = ip2p()
         .args([
             "prepare-data",
