@@ -94,8 +94,8 @@ struct Fill<'a, B: Backend> {
     slots: &'a [Slot],
     file: &'a WeightFile,
     next: usize,
-    /// Values in file order, and whether the parameter is their transpose.
-    ready: VecDeque<(TensorData, bool)>,
+    /// Values in file order (a Linear weight's transposed view is made when it is placed).
+    ready: VecDeque<TensorData>,
     path: Vec<String>,
     error: Option<String>,
     _backend: std::marker::PhantomData<B>,
@@ -111,26 +111,21 @@ impl<B: Backend> Fill<'_, B> {
             end += 1;
         }
         let slots = &self.slots[self.next..end];
-        let chunk: Vec<(TensorData, bool)> = match &self.file.storage {
+        let chunk: Vec<TensorData> = match &self.file.storage {
             Storage::Mapped {
                 file,
                 shared,
                 spans,
             } => slots
                 .par_iter()
-                .map(|slot| {
-                    Ok::<_, String>((read(file, shared, spans[slot.index], slot)?, slot.transpose))
-                })
+                .map(|slot| read(file, shared, spans[slot.index], slot))
                 .collect::<Result<_, _>>()?,
             // burn-store's pickle tensors are not thread-safe (`Rc`): one at a time.
             Storage::Pickle { .. } => slots
                 .iter()
                 .map(|slot| {
                     let bytes = self.file.bytes(slot.index).map_err(|e| e.to_string())?;
-                    Ok::<_, String>((
-                        convert(&bytes, slot, file_shape(slot), slot.dtype)?,
-                        slot.transpose,
-                    ))
+                    convert(&bytes, slot, file_shape(slot), slot.dtype)
                 })
                 .collect::<Result<_, _>>()?,
         };
@@ -171,7 +166,8 @@ impl<B: Backend> ModuleMapper<B> for Fill<'_, B> {
             self.error = Some(e);
             return param;
         }
-        let (data, transpose) = self.ready.pop_front().expect("read_ahead filled the queue");
+        let transpose = slot.transpose;
+        let data = self.ready.pop_front().expect("read_ahead filled the queue");
         self.next += 1;
         let id = param.id;
         let device = param.lazy_device();
