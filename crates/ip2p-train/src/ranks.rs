@@ -146,7 +146,9 @@ mod tests {
         // Whole global batches in the first epoch (after it, DistributedSampler pads the
         // replicas' shares by repeating the epoch's start where one process moves on).
         for _step in 0..n / (world * b) {
-            let global: Vec<usize> = (0..world * b).map(|_| single.next(n, Shard::SINGLE)).collect();
+            let global: Vec<usize> = (0..world * b)
+                .map(|_| single.next(n, Shard::SINGLE))
+                .collect();
             let mut from_replicas = vec![usize::MAX; world * b];
             let mut items = Vec::new();
             for (shard, order) in &mut replicas {
