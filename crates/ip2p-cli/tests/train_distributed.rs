@@ -1,8 +1,8 @@
 //! Data-parallel `ip2p train` over burn-collective on 127.0.0.1: the orchestrator and two
 //! ranks (batch 1 each) end with bitwise-equal UNets, equal within 1e-5 to one process on
 //! batch 2 over the same samples; one process with `--devices 2` ends bitwise equal to the two
-//! processes (and resumes their checkpoint); a rank killed mid-run makes the other fail with a
-//! clear error. Every child process runs under a deadline and is killed if the test fails.
+//! processes (and resumes their checkpoint); two processes of two devices match one process
+//! at batch 4; a rank killed mid-run makes the other fail with a clear error. Every child process runs under a deadline and is killed if the test fails.
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -172,6 +172,23 @@ fn unet_tensors(out: &Path) -> Vec<(String, Vec<f32>)> {
     v
 }
 
+/// `n` generated pairs, tokenized by `ip2p prepare-data`.
+fn prepared_dataset(dir: &Path, n: u32) -> PathBuf {
+    training_dataset(dir, n);
+    let o = ip2p()
+        .args([
+            "prepare-data",
+            "--data",
+            dir.to_str().unwrap(),
+            "--model",
+            &model(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    dir.to_path_buf()
+}
+
 /// The largest difference between two exports' weights (same names required).
 fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -285,19 +302,7 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
     let deadline = Instant::now() + Duration::from_secs(240);
     let root = std::env::temp_dir().join(format!("ip2p-cli-ddp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let data = root.join("data");
-    training_dataset(&data, 6);
-    let o = ip2p()
-        .args([
-            "prepare-data",
-            "--data",
-            data.to_str().unwrap(),
-            "--model",
-            &model(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let data = prepared_dataset(&root.join("data"), 6);
 
     // One process, batch 2.
     let single = root.join("single");
@@ -367,6 +372,36 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
     let worst = max_diff(&a, &d);
     assert!(worst <= 1e-5, "--devices 2 vs one process: max |Δ| {worst}");
     assert_eq!(log(&root.join("devices")), two);
+
+    // Two processes of two devices: each process sums its replicas, the ring adds the two
+    // sums, the mean divides by all 4 (burn-collective's local + global path). The 4 replicas
+    // agree and are within 1e-5 of one process at batch 4 (12 rows: 3 steps are one epoch,
+    // before DistributedSampler's padding and one process's next shuffle part ways).
+    let data12 = prepared_dataset(&root.join("data12"), 12);
+    let single4 = root.join("single4");
+    let o = ip2p()
+        .args(train_args(&data12, &single4, 4, 3))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let [m0, m1] = run_pair(
+        &mut procs,
+        &root,
+        &data12,
+        "mixed",
+        3,
+        &["--devices", "2"],
+        false,
+        deadline,
+    );
+    let all = [fingerprints(&m0), fingerprints(&m1)].concat();
+    assert_eq!(all.len(), 4, "{m0}\n{m1}");
+    assert!(all.iter().all(|f| *f == all[0]), "{m0}\n{m1}");
+    let worst = max_diff(&unet_tensors(&single4), &unet_tensors(&root.join("mixed0")));
+    assert!(
+        worst <= 1e-5,
+        "2 nodes × 2 devices vs one process: max |Δ| {worst}"
+    );
 
     // Two steps with a checkpoint (ranks placed by torchrun's variables), then both ranks
     // resume from rank 0's checkpoint: the same replicas as three steps in one go.

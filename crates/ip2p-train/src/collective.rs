@@ -21,9 +21,9 @@
 //!   through an all-reduce (burn-collective 0.21 has no global broadcast).
 //!
 //! The averaged gradient is computed once per bucket slice and sent to every rank, so all ranks
-//! apply bitwise the same update and stay identical. (With three or more devices in a process,
-//! burn-collective adds them in its hash map's order, so two runs may differ in the last bit;
-//! the replicas of a run never do.)
+//! apply bitwise the same update and stay identical. A process's replicas are added in peer-id
+//! order (a patch to burn-collective, see `vendor/burn-collective/PATCHED.md`), so a run with
+//! any number of devices is reproducible bit for bit.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
