@@ -621,12 +621,45 @@ mod tests {
 
     type B = burn::backend::Flex;
 
+    /// burn-collective's in-process server is one per backend and process: the tests that
+    /// register with it take turns.
+    static SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Three replicas whose sum depends on the order of addition ((1e8 + -1e8) + 1 = 1, but
+    /// 1e8 + (-1e8 + 1) = 0 in f32): every run adds them in rank order.
+    #[test]
+    fn replicas_are_added_in_rank_order() {
+        let _turn = SERVER.lock().unwrap_or_else(|e| e.into_inner());
+        let device = Default::default();
+        let values = [1e8f32, -1e8, 1.0];
+        let want = ((values[0] + values[1]) + values[2]) / 3.0;
+        let set = settings(None, 3);
+        for _ in 0..4 {
+            let group = Arc::new(LocalGroup::default());
+            std::thread::scope(|s| {
+                for (local, v) in values.into_iter().enumerate() {
+                    let (group, set) = (group.clone(), &set);
+                    s.spawn(move || {
+                        let c = Collective::<B>::join(set, local, group, &device).unwrap();
+                        let mut g = BTreeMap::new();
+                        g.insert("w".to_string(), Tensor::<B, 1>::full([4], v, &device));
+                        let avg = c.mean_gradients(1, g, &[]).unwrap();
+                        c.finish().unwrap();
+                        let got = avg.grads["w"].to_data().to_vec::<f32>().unwrap();
+                        assert_eq!(got, vec![want; 4], "replica {local}");
+                    });
+                }
+            });
+        }
+    }
+
     /// Two replicas of one process (threads on the CPU backend, whose device is a unit
     /// value: burn-collective tells them apart by peer id) average their gradients through
     /// burn-collective's in-process path, bitwise alike; gather and the agreement check work
     /// over them; and when one fails the other stops waiting at once.
     #[test]
     fn replicas_in_one_process_average_and_stop_together() {
+        let _turn = SERVER.lock().unwrap_or_else(|e| e.into_inner());
         let device = Default::default();
         let grads = |local: usize| {
             let x = local as f32;
