@@ -13,6 +13,10 @@ use burn::tensor::backend::{Backend, Device, DeviceId};
 
 use crate::backend::BackendKind;
 
+/// The most devices (replicas) one process may run: the run's world limit (the start-up check's
+/// exact f32 sums), which also keeps indices within device ids' 16 bits.
+pub const MAX_DEVICES: usize = ip2p_train::ranks::MAX_WORLD;
+
 /// What `--devices` asked for, before the backend is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -60,6 +64,8 @@ pub enum DeviceSpecError {
         "--devices {0:?}: `{1}` is not a device (a count such as 2, or indices such as 0,1 or cuda:0,cuda:1)"
     )]
     BadItem(String, String),
+    #[error("--devices {spec}: more than {max} devices in a process")]
+    TooMany { spec: String, max: usize },
     #[error("--devices {0}: device {1} is listed twice")]
     Duplicate(String, usize),
     #[error("--devices {0}: mixes backends")]
@@ -101,10 +107,13 @@ impl FromStr for DeviceSpec {
         let bad = |item: &str| DeviceSpecError::BadItem(s.to_string(), item.to_string());
         if !spec.contains([',', ':']) {
             let n: usize = spec.parse().map_err(|_| bad(spec))?;
-            return if n == 0 {
-                Err(DeviceSpecError::Zero)
-            } else {
-                Ok(Self::Count(n))
+            return match n {
+                0 => Err(DeviceSpecError::Zero),
+                n if n > MAX_DEVICES => Err(DeviceSpecError::TooMany {
+                    spec: s.to_string(),
+                    max: MAX_DEVICES,
+                }),
+                n => Ok(Self::Count(n)),
             };
         }
         let mut backend = None;
@@ -133,6 +142,13 @@ impl FromStr for DeviceSpec {
             }
             backend = kind;
             let index: usize = index.parse().map_err(|_| bad(item))?;
+            // Device ids hold 16-bit indices; no backend has that many anyway.
+            if index >= MAX_DEVICES {
+                return Err(DeviceSpecError::TooMany {
+                    spec: s.to_string(),
+                    max: MAX_DEVICES,
+                });
+            }
             if indices.contains(&index) {
                 return Err(DeviceSpecError::Duplicate(s.to_string(), index));
             }
@@ -253,6 +269,14 @@ mod tests {
         assert!(matches!(
             parse("0,1,0"),
             Err(DeviceSpecError::Duplicate(_, 0))
+        ));
+        assert!(matches!(
+            parse("1000000000000"),
+            Err(DeviceSpecError::TooMany { .. })
+        ));
+        assert!(matches!(
+            parse("cuda:70000"),
+            Err(DeviceSpecError::TooMany { .. })
         ));
         assert!(matches!(
             parse("cuda:0,1"),

@@ -170,18 +170,17 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, devices: &[A::Device]) -> Result<
                     // Burn's backward pass recurses over the graph: the main thread's size.
                     .stack_size(REPLICA_STACK)
                     .spawn_scoped(scope, move || run_one(local, device))
+                    // The replicas already started would wait for this one to register.
+                    .inspect_err(|_| group.fail())
             })
             .collect();
         handles
             .into_iter()
             .enumerate()
             .map(|(local, h)| match h {
-                Err(e) => {
-                    group.fail();
-                    Err(anyhow::anyhow!(
-                        "could not start replica {local}'s thread: {e}"
-                    ))
-                }
+                Err(e) => Err(anyhow::anyhow!(
+                    "could not start replica {local}'s thread: {e}"
+                )),
                 Ok(h) => h.join().unwrap_or_else(|p| {
                     Err(anyhow::anyhow!(
                         "replica {local} (rank {}) panicked: {}",
