@@ -1,5 +1,8 @@
 //! The data-parallel flags of `ip2p train` and `ip2p orchestrator`, with torchrun-style
 //! environment variables (`WORLD_SIZE`, `RANK`, `MASTER_ADDR`, `MASTER_PORT`) as fallbacks.
+//!
+//! A run is `--num-nodes` processes of `--devices` replicas each; the world is their product
+//! and a replica's global rank `node_rank × devices + local index` (torchrun's numbering).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,16 +10,24 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use ip2p_train::collective::host_port;
-use ip2p_train::{CollectiveSettings, OrchestratorConfig};
+use ip2p_train::{CollectiveSettings, NodeSettings, OrchestratorConfig};
 
-/// Flags for a run over several processes or machines (one device each).
+use crate::devices::DeviceSpec;
+
+/// Flags for a run over several devices, processes or machines.
 #[derive(Debug, Args)]
 pub struct DistributedArgs {
-    /// Processes (nodes) in a data-parallel run; default `WORLD_SIZE`, else 1 (no collective).
+    /// Devices in this process, one UNet replica each on its own thread, gradients averaged
+    /// in the process (no orchestrator needed for one node): a count (2: the first two GPUs;
+    /// on the CPU backend, two replicas sharing the cores) or GPU indices (0,2 or
+    /// cuda:0,cuda:2; cuda:1 for one). --batch-size is per device.
+    #[arg(long, value_name = "N|LIST", default_value_t = DeviceSpec::Count(1))]
+    pub devices: DeviceSpec,
+    /// Processes (nodes) in a data-parallel run; default `WORLD_SIZE`, else 1 (no orchestrator).
     #[arg(long, value_name = "N")]
     pub num_nodes: Option<usize>,
-    /// This process's rank in 0..N; rank 0 writes checkpoints, exports and validation.
-    /// Default `RANK`.
+    /// This process's rank in 0..N; node 0 (its first device) writes checkpoints, exports and
+    /// validation. Default `RANK`.
     #[arg(long, value_name = "R")]
     pub node_rank: Option<usize>,
     /// The orchestrator (`ip2p orchestrator`), HOST:PORT; default `MASTER_ADDR:MASTER_PORT`.
@@ -62,7 +73,7 @@ fn env_usize(name: &str) -> Result<Option<usize>> {
 }
 
 impl DistributedArgs {
-    /// The collective settings, or None for a one-process run.
+    /// The collective settings, or None for a run of one process on one device.
     pub fn settings(&self) -> Result<Option<CollectiveSettings>> {
         let num_nodes = match self.num_nodes {
             Some(n) => n,
@@ -71,9 +82,36 @@ impl DistributedArgs {
         if num_nodes == 0 {
             bail!("--num-nodes 0: at least one process");
         }
-        if num_nodes == 1 {
+        let devices = self.devices.count();
+        if !(self.collective_timeout.is_finite() && self.collective_timeout > 0.0) {
+            bail!(
+                "--collective-timeout {}: a positive number of seconds",
+                self.collective_timeout
+            );
+        }
+        if !(self.bucket_mib.is_finite() && self.bucket_mib > 0.0) {
+            bail!("--bucket-mib {}: a positive size", self.bucket_mib);
+        }
+        let nodes = match num_nodes {
+            1 => None,
+            _ => Some(self.node_settings(num_nodes)?),
+        };
+        if nodes.is_none() && devices == 1 {
             return Ok(None);
         }
+        let settings = CollectiveSettings {
+            nodes,
+            devices,
+            timeout: Duration::from_secs_f64(self.collective_timeout),
+            bucket_bytes: ((self.bucket_mib * (1 << 20) as f64) as usize).max(4),
+        };
+        settings.ranks().check()?;
+        Ok(Some(settings))
+    }
+
+    /// This process's place among `num_nodes` (> 1) and the addresses, from the flags or
+    /// torchrun's environment.
+    fn node_settings(&self, num_nodes: usize) -> Result<NodeSettings> {
         let node_rank = match self.node_rank {
             Some(r) => r,
             None => env_usize("RANK")?
@@ -108,23 +146,12 @@ impl DistributedArgs {
                  orchestrator: the address the other nodes reach this one at"
             ),
         };
-        if !(self.collective_timeout.is_finite() && self.collective_timeout > 0.0) {
-            bail!(
-                "--collective-timeout {}: a positive number of seconds",
-                self.collective_timeout
-            );
-        }
-        if !(self.bucket_mib.is_finite() && self.bucket_mib > 0.0) {
-            bail!("--bucket-mib {}: a positive size", self.bucket_mib);
-        }
-        Ok(Some(CollectiveSettings {
+        Ok(NodeSettings {
             num_nodes,
             node_rank,
             orchestrator,
             node_address,
-            timeout: Duration::from_secs_f64(self.collective_timeout),
-            bucket_bytes: ((self.bucket_mib * (1 << 20) as f64) as usize).max(4),
-        }))
+        })
     }
 }
 

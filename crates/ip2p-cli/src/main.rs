@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod backend;
 mod convert;
+mod devices;
 mod distributed;
 mod edit;
 mod edit_dataset;

@@ -1,6 +1,7 @@
 //! `ip2p train --model DIR --data DIR --output DIR`: fine-tune InstructPix2Pix.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use burn::tensor::DType;
@@ -13,8 +14,8 @@ use ip2p_text::PromptEncoder;
 use ip2p_train::data::{BadRows, Dataset, load_rows};
 use ip2p_train::optim::AdamWSettings;
 use ip2p_train::{
-    Autodiff, BalancedCheckpointing, Collective, Frozen, TrainConfig, Trainer, Validation,
-    latest_checkpoint, load_unet_for_training,
+    Autodiff, BalancedCheckpointing, Collective, Frozen, LocalGroup, TrainConfig, TrainError,
+    Trainer, Validation, latest_checkpoint, load_unet_for_training,
 };
 use ip2p_vae::AutoencoderKL;
 
@@ -94,41 +95,150 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    crate::backend::dispatch!(args.backend, (), |device, _probe| {
+    crate::backend::dispatch!(args.backend, (), |_device, _probe| {
+        let devices = args.distributed.devices.resolve::<B>(args.backend, || {
+            <B as burn::tensor::backend::Backend>::device_count(crate::devices::GPU_TYPE_ID)
+        })?;
         if args.gradient_checkpointing {
-            train::<Autodiff<B, BalancedCheckpointing>>(args, &device)
+            train::<Autodiff<B, BalancedCheckpointing>>(args, &devices)
         } else {
-            train::<Autodiff<B>>(args, &device)
+            train::<Autodiff<B>>(args, &devices)
         }
     })
 }
 
-fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()> {
-    // Join the other ranks first: a missing peer or orchestrator fails before the model loads.
-    let collective = match args.distributed.settings()? {
-        Some(s) => {
-            crate::distributed::collective_logging();
-            eprintln!(
-                "rank {} of {}: joining through the orchestrator at {} (this node: {})",
-                s.node_rank, s.num_nodes, s.orchestrator, s.node_address
-            );
-            Some(Collective::<A::InnerBackend>::join(&s, device)?)
-        }
-        None => None,
+/// Train on `devices`: on this thread for one device (joining other processes if there are
+/// any), else one replica per device, each on its own thread.
+fn train<A: AutodiffBackend>(args: &TrainArgs, devices: &[A::Device]) -> Result<()> {
+    let settings = args.distributed.settings()?;
+    let data = Dataset::open(&args.data)?;
+    let Some(settings) = settings else {
+        return replica::<A>(args, &data, &devices[0], None);
     };
+    crate::distributed::collective_logging();
+    let ranks = settings.ranks();
+    match &settings.nodes {
+        Some(n) => eprintln!(
+            "node {} of {} ({} device(s), ranks {}..{} of {}): joining through the orchestrator \
+             at {} (this node: {})",
+            n.node_rank,
+            n.num_nodes,
+            ranks.devices,
+            ranks.global_rank(0),
+            ranks.global_rank(ranks.devices),
+            ranks.world(),
+            n.orchestrator,
+            n.node_address
+        ),
+        None => eprintln!("{} replicas in this process", ranks.devices),
+    }
+    if devices.len() > 1
+        && let Ok(cores) = std::thread::available_parallelism()
+        && args.backend == BackendKind::Cpu
+        && devices.len() > cores.get()
+    {
+        eprintln!(
+            "warning: {} CPU replicas on {cores} cores: each replica wants at least a core \
+             (--batch-size or --gradient-accumulation-steps grow the batch without it)",
+            devices.len()
+        );
+    }
+    let group = Arc::new(LocalGroup::default());
+    // Join the other replicas first: a missing peer or orchestrator fails before the model
+    // loads.
+    let run_one = |local: usize, device: &A::Device| -> Result<()> {
+        let _guard = group.fail_on_panic();
+        let result = Collective::<A::InnerBackend>::join(&settings, local, group.clone(), device)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| replica::<A>(args, &data, device, Some(c)));
+        if result.is_err() {
+            group.fail();
+        }
+        result
+    };
+    if let [device] = devices {
+        return run_one(0, device);
+    }
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(local, device)| {
+                let run_one = &run_one;
+                std::thread::Builder::new()
+                    .name(format!("ip2p-replica-{local}"))
+                    // Burn's backward pass recurses over the graph: the main thread's size.
+                    .stack_size(REPLICA_STACK)
+                    .spawn_scoped(scope, move || run_one(local, device))
+                    // The replicas already started would wait for this one to register.
+                    .inspect_err(|_| group.fail())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(local, h)| match h {
+                Err(e) => Err(anyhow::anyhow!(
+                    "could not start replica {local}'s thread: {e}"
+                )),
+                Ok(h) => h.join().unwrap_or_else(|p| {
+                    Err(anyhow::anyhow!(
+                        "replica {local} (rank {}) panicked: {}",
+                        ranks.global_rank(local),
+                        panic_message(&*p)
+                    ))
+                }),
+            })
+            .collect()
+    });
+    first_error(results)
+}
+
+/// Stack of a replica's thread (Rust's main thread gets 8 MiB; spawned threads 2 MiB).
+const REPLICA_STACK: usize = 8 << 20;
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// The replicas' outcome: the first error that says what went wrong, rather than one of the
+/// replicas that only stopped because of it ([`TrainError::ReplicaStopped`]).
+fn first_error(results: Vec<Result<()>>) -> Result<()> {
+    let stopped = |e: &anyhow::Error| {
+        matches!(
+            e.downcast_ref::<TrainError>(),
+            Some(TrainError::ReplicaStopped { .. })
+        )
+    };
+    let mut errors: Vec<anyhow::Error> = results.into_iter().filter_map(Result::err).collect();
+    match errors.iter().position(|e| !stopped(e)) {
+        Some(i) => Err(errors.swap_remove(i)),
+        None => errors.into_iter().next().map_or(Ok(()), Err),
+    }
+}
+
+/// One replica: load the model on `device`, train, and (global rank 0) write the outputs.
+fn replica<A: AutodiffBackend>(
+    args: &TrainArgs,
+    data: &Dataset,
+    device: &A::Device,
+    collective: Option<Collective<A::InnerBackend>>,
+) -> Result<()> {
     let main = collective.as_ref().is_none_or(|c| c.rank() == 0);
     let model = &args.model;
     let unet_dir = model.join("unet");
     let (unet, widened) = load_unet_for_training::<A>(&unet_dir, device)
         .with_context(|| format!("loading {}", unet_dir.display()))?;
-    if widened {
+    if widened && main {
         eprintln!("widened the 4-channel UNet's conv_in to 8 channels (new weights zero)");
     }
     let vae = AutoencoderKL::<A::InnerBackend>::load(model.join("vae"), device, DType::F32, None)?;
     let text = PromptEncoder::<A::InnerBackend>::load(model, None, device)?;
     let scheduler_config =
         SchedulerConfig::from_file(model.join("scheduler").join("scheduler_config.json"))?;
-    let data = Dataset::open(&args.data)?;
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("creating {}", args.output.display()))?;
 
@@ -159,7 +269,7 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
     };
     let validation = if args.validation_steps > 0 && main {
         let rows: Vec<usize> = (0..args.num_validation.min(data.len())).collect();
-        let rows = load_rows::<A::InnerBackend>(&data, &rows, args.resolution, device)?;
+        let rows = load_rows::<A::InnerBackend>(data, &rows, args.resolution, device)?;
         Some(Validation::new(
             rows.original,
             rows.edited,
@@ -194,7 +304,9 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
             PathBuf::from(from)
         };
         trainer.resume(&dir)?;
-        eprintln!("resumed from {} at step {}", dir.display(), trainer.step);
+        if main {
+            eprintln!("resumed from {} at step {}", dir.display(), trainer.step);
+        }
     }
 
     let bar = if args.quiet || !main {
@@ -211,7 +323,7 @@ fn train<A: AutodiffBackend>(args: &TrainArgs, device: &A::Device) -> Result<()>
     bar.set_position(trainer.step as u64);
     // One JSON line per optimiser step: step, loss, lr, grad norm, seconds.
     let log_path = args.output.join("train_log.jsonl");
-    let result = trainer.run(&data, validation.as_ref(), &mut |r| {
+    let result = trainer.run(data, validation.as_ref(), &mut |r| {
         bar.set_position(r.step as u64);
         bar.set_message(format!("loss {:.4}, lr {:.2e}", r.loss, r.lr));
         for (row, reason) in &r.newly_skipped {

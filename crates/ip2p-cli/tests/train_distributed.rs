@@ -1,12 +1,13 @@
 //! Data-parallel `ip2p train` over burn-collective on 127.0.0.1: the orchestrator and two
 //! ranks (batch 1 each) end with bitwise-equal UNets, equal within 1e-5 to one process on
-//! batch 2 over the same samples; a rank killed mid-run makes the other fail with a clear error.
-//! Every child process runs under a deadline and is killed if the test fails.
+//! batch 2 over the same samples; one process with `--devices 2` ends bitwise equal to the two
+//! processes (and resumes their checkpoint); two processes of two devices match one process
+//! at batch 4; a rank killed mid-run makes the other fail with a clear error. Every child process runs under a deadline and is killed if the test fails.
 
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -104,15 +105,23 @@ fn spawn(args: &[String], log: &Path) -> Child {
     spawn_env(args, &[], log)
 }
 
+/// Run `ip2p args` with stderr to `log` and stdout to `log` + `.out` (see [`stdout_of`]).
 fn spawn_env(args: &[String], env: &[(&str, String)], log: &Path) -> Child {
     let f = std::fs::File::create(log).unwrap();
+    let out = std::fs::File::create(stdout_of(log)).unwrap();
     ip2p()
         .args(args)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::null())
+        .stdout(out)
         .stderr(f)
         .spawn()
         .unwrap()
+}
+
+/// Where [`spawn_env`] puts a child's stdout: training writes none (burn-collective's
+/// "Connecting to ..." lines go to the stderr log, not there).
+fn stdout_of(log: &Path) -> PathBuf {
+    log.with_extension("out")
 }
 
 /// Wait for a child, failing the test past the deadline.
@@ -161,6 +170,36 @@ fn unet_tensors(out: &Path) -> Vec<(String, Vec<f32>)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// `n` generated pairs, tokenized by `ip2p prepare-data`.
+fn prepared_dataset(dir: &Path, n: u32) -> PathBuf {
+    training_dataset(dir, n);
+    let o = ip2p()
+        .args([
+            "prepare-data",
+            "--data",
+            dir.to_str().unwrap(),
+            "--model",
+            &model(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    dir.to_path_buf()
+}
+
+/// The largest difference between two exports' weights (same names required).
+fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f32;
+    for ((na, va), (nb, vb)) in a.iter().zip(b) {
+        assert_eq!(na, nb);
+        for (x, y) in va.iter().zip(vb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    worst
 }
 
 /// The orchestrator and two ranks of `steps` steps (batch 1), each rank's output under
@@ -219,8 +258,43 @@ fn run_pair(
     for (rank, log) in logs.iter().enumerate() {
         let status = wait(&mut procs.0[first + rank], deadline, "a rank");
         assert!(status.success(), "rank {rank}: {}", read(log));
+        assert_eq!(read(&stdout_of(log)), "", "rank {rank} wrote to stdout");
     }
     [read(&logs[0]), read(&logs[1])]
+}
+
+/// One process of two replicas (`--devices 2`), batch 1 each, its output under `root/name`;
+/// returns its stderr after it succeeds.
+fn run_devices(
+    procs: &mut Procs,
+    root: &Path,
+    data: &Path,
+    name: &str,
+    steps: usize,
+    extra: &[&str],
+    deadline: Instant,
+) -> String {
+    let log = root.join(format!("{name}.log"));
+    let mut args = train_args(data, &root.join(name), 1, steps);
+    args.extend(["--devices", "2", "--collective-timeout", "60"].map(String::from));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    procs.0.push(spawn(&args, &log));
+    let i = procs.0.len() - 1;
+    let status = wait(&mut procs.0[i], deadline, "the --devices 2 process");
+    let err = read(&log);
+    assert!(status.success(), "--devices 2: {err}");
+    assert_eq!(read(&stdout_of(&log)), "", "--devices 2 wrote to stdout");
+    err
+}
+
+/// Every fingerprint line of a log (one per replica).
+fn fingerprints(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| {
+            l.split_once("UNet fingerprint ")
+                .map(|(_, f)| f.trim().to_string())
+        })
+        .collect()
 }
 
 #[test]
@@ -228,19 +302,7 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
     let deadline = Instant::now() + Duration::from_secs(240);
     let root = std::env::temp_dir().join(format!("ip2p-cli-ddp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let data = root.join("data");
-    training_dataset(&data, 6);
-    let o = ip2p()
-        .args([
-            "prepare-data",
-            "--data",
-            data.to_str().unwrap(),
-            "--model",
-            &model(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let data = prepared_dataset(&root.join("data"), 6);
 
     // One process, batch 2.
     let single = root.join("single");
@@ -263,14 +325,7 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
     assert!(root.join("ddp0/unet").is_dir());
     assert!(!root.join("ddp1/unet").exists());
     let (a, b) = (unet_tensors(&single), unet_tensors(&root.join("ddp0")));
-    assert_eq!(a.len(), b.len());
-    let mut worst = 0f32;
-    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        for (x, y) in va.iter().zip(vb) {
-            worst = worst.max((x - y).abs());
-        }
-    }
+    let worst = max_diff(&a, &b);
     assert!(worst <= 1e-5, "two ranks vs one process: max |Δ| {worst}");
     // The weights did move: the comparison is not between two untouched models.
     let init = unet_tensors(Path::new(&model()));
@@ -305,6 +360,49 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
         );
     }
 
+    // One process, two replicas on threads (`--devices 2`, no orchestrator), batch 1 each:
+    // global ranks 0 and 1 take the samples and draws of the two processes' ranks 0 and 1,
+    // and the in-process all-reduce is the same arithmetic as the ring between two nodes (one
+    // f32 addition per element, then a division by 2), so the UNet is bitwise the two
+    // processes' (and so within 1e-5 of one process at batch 2).
+    let dev = run_devices(&mut procs, &root, &data, "devices", 3, &[], deadline);
+    assert_eq!(fingerprints(&dev), vec![f0.clone(), f0.clone()], "{dev}");
+    let d = unet_tensors(&root.join("devices"));
+    assert_eq!(d, b, "--devices 2 differs from two processes");
+    let worst = max_diff(&a, &d);
+    assert!(worst <= 1e-5, "--devices 2 vs one process: max |Δ| {worst}");
+    assert_eq!(log(&root.join("devices")), two);
+
+    // Two processes of two devices: each process sums its replicas, the ring adds the two
+    // sums, the mean divides by all 4 (burn-collective's local + global path). The 4 replicas
+    // agree and are within 1e-5 of one process at batch 4 (12 rows: 3 steps are one epoch,
+    // before DistributedSampler's padding and one process's next shuffle part ways).
+    let data12 = prepared_dataset(&root.join("data12"), 12);
+    let single4 = root.join("single4");
+    let o = ip2p()
+        .args(train_args(&data12, &single4, 4, 3))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let [m0, m1] = run_pair(
+        &mut procs,
+        &root,
+        &data12,
+        "mixed",
+        3,
+        &["--devices", "2"],
+        false,
+        deadline,
+    );
+    let all = [fingerprints(&m0), fingerprints(&m1)].concat();
+    assert_eq!(all.len(), 4, "{m0}\n{m1}");
+    assert!(all.iter().all(|f| *f == all[0]), "{m0}\n{m1}");
+    let worst = max_diff(&unet_tensors(&single4), &unet_tensors(&root.join("mixed0")));
+    assert!(
+        worst <= 1e-5,
+        "2 nodes × 2 devices vs one process: max |Δ| {worst}"
+    );
+
     // Two steps with a checkpoint (ranks placed by torchrun's variables), then both ranks
     // resume from rank 0's checkpoint: the same replicas as three steps in one go.
     run_pair(
@@ -329,7 +427,35 @@ fn two_ranks_match_one_process_and_a_lost_rank_is_an_error() {
         deadline,
     );
     assert_eq!(fingerprint(&r0), Some(f0.clone()), "{r0}");
-    assert_eq!(fingerprint(&r1), Some(f0), "{r1}");
+    assert_eq!(fingerprint(&r1), Some(f0.clone()), "{r1}");
+    // The same world in one process: `--devices 2` resumes the two processes' checkpoint.
+    let dev = run_devices(
+        &mut procs,
+        &root,
+        &data,
+        "devices-resumed",
+        3,
+        &["--resume-from-checkpoint", ck.to_str().unwrap()],
+        deadline,
+    );
+    assert_eq!(fingerprints(&dev), vec![f0.clone(), f0.clone()], "{dev}");
+
+    // Device lists that cannot work are errors before anything loads.
+    for (devices, expect) in [
+        ("0", "at least one device"),
+        ("0,1", "the CPU backend has one device"),
+        ("cuda:0", "names cuda devices"),
+        ("two", "is not a device"),
+    ] {
+        let mut args = train_args(&data, &root.join("bad-devices"), 1, 1);
+        args.extend(["--devices".to_string(), devices.to_string()]);
+        let o = ip2p().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(expect),
+            "--devices {devices}: {err}"
+        );
+    }
 
     // A rank killed mid-run: the other stops with a clear error, well before the deadline.
     let port = free_port();

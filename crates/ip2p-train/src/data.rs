@@ -292,6 +292,13 @@ pub struct Shard {
 impl Shard {
     /// The whole data set (one process).
     pub const SINGLE: Shard = Shard { rank: 0, world: 1 };
+
+    /// The place in the global batch of this shard's `item`-th pair of a micro-batch: `item ·
+    /// world + rank`, the sampler's stride, so the pair draws what it would in one process's
+    /// batch of `world ·` the batch size.
+    pub fn global_item(&self, item: usize) -> usize {
+        item * self.world + self.rank
+    }
 }
 
 impl DataOrder {

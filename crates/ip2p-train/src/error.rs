@@ -36,6 +36,12 @@ pub enum TrainError {
         what: String,
         reason: String,
     },
+    /// A replica stopped waiting in a collective call because another replica of the same
+    /// process failed (that one's error says why; this one only says where it was).
+    #[error(
+        "rank {rank}: {what}: stopped because another replica in this process failed (see its error)"
+    )]
+    ReplicaStopped { rank: usize, what: String },
     /// The loss became NaN or infinite.
     #[error("step {step}: the loss is not finite ({loss})")]
     NonFinite { step: usize, loss: f64 },

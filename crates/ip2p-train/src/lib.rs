@@ -22,16 +22,18 @@ pub mod data;
 pub mod error;
 pub mod optim;
 pub mod orchestrator;
+pub mod ranks;
 pub mod rng;
 pub mod step;
 pub mod trainer;
 pub mod validate;
 
 pub use checkpoint::{export_unet_diffusers, latest_checkpoint, load_checkpoint, save_checkpoint};
-pub use collective::{Collective, CollectiveSettings};
+pub use collective::{Collective, CollectiveSettings, LocalGroup, NodeSettings};
 pub use data::{BadRows, Dataset, Shard, prepare_data};
 pub use error::TrainError;
 pub use orchestrator::{OrchestratorConfig, run_orchestrator};
+pub use ranks::Ranks;
 pub use step::{
     Frozen, StepAux, StepConfig, StepDraws, TrainBatch, UnetInputs, dropout_masks,
     load_unet_for_training, prepare_inputs, training_loss, widen_conv_in,

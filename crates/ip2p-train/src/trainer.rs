@@ -153,8 +153,8 @@ impl<A: AutodiffBackend> Trainer<A> {
             return Err(TrainError::Checkpoint {
                 path: dir.to_path_buf(),
                 reason: format!(
-                    "written by a run of {} processes; resuming with {} is not supported (each \
-                     rank's place in the data is part of the checkpoint)",
+                    "written by a run of {} replicas (processes × devices); resuming with {} is \
+                     not supported (each rank's place in the data is part of the checkpoint)",
                     loaded.state.world_size, shard.world
                 ),
             });
@@ -324,14 +324,7 @@ impl<A: AutodiffBackend> Trainer<A> {
             // Item k of rank r is item k·N + r of the global batch: its draws are those of a
             // single process running the global batch.
             let seeds: Vec<u64> = (0..b)
-                .map(|k| {
-                    item_seed(
-                        self.config.seed,
-                        self.step,
-                        micro,
-                        k * shard.world + shard.rank,
-                    )
-                })
+                .map(|k| item_seed(self.config.seed, self.step, micro, shard.global_item(k)))
                 .collect();
             let batch =
                 loader.next_batch::<A::InnerBackend>(&mut self.order, &seeds, &self.device)?;

@@ -16,11 +16,13 @@ pub(crate) fn all_reduce_sum_tree<B: Backend>(
 ) -> CollectiveTensorMap<B> {
     let mut input = tensors.into_iter().collect::<Vec<_>>();
 
-    // Sort to put devices of the same type together
+    // Sort to put devices of the same type together, then by peer id (ip2p patch: the map's
+    // iteration order is random, and float addition is not associative, so without the peer
+    // id the sum of three or more peers on one device type changed from run to run)
     input.sort_by(|a, b| {
         let dev_a = B::float_device(&a.1);
         let dev_b = B::float_device(&b.1);
-        dev_a.id().cmp(&dev_b.id())
+        (dev_a.id(), a.0.0).cmp(&(dev_b.id(), b.0.0))
     });
     // Recursive all-reduce
     let out = all_reduce_sum_tree_inner::<B>(input, arity);

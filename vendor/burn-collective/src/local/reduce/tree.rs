@@ -14,16 +14,18 @@ pub(crate) fn reduce_sum_tree<B: Backend>(
     // Convert hash map to vector of key-value pairs because order matters
     let mut input = vec![];
     let root_tensor = tensors.remove(root).unwrap();
-    for (_, tensor) in tensors.drain() {
-        input.push(tensor);
+    for (id, tensor) in tensors.drain() {
+        input.push((id, tensor));
     }
 
-    // Sort to put devices of the same type together
+    // Sort to put devices of the same type together, then by peer id (ip2p patch: a fixed
+    // order of addition, see all_reduce/tree.rs)
     input.sort_by(|a, b| {
-        let dev_a = B::float_device(a);
-        let dev_b = B::float_device(b);
-        dev_a.id().cmp(&dev_b.id())
+        let dev_a = B::float_device(&a.1);
+        let dev_b = B::float_device(&b.1);
+        (dev_a.id(), a.0.0).cmp(&(dev_b.id(), b.0.0))
     });
+    let mut input: Vec<_> = input.into_iter().map(|(_, tensor)| tensor).collect();
 
     // put the root first
     input.insert(0, root_tensor);
