@@ -55,10 +55,12 @@ pub fn gelu(x: &mut [f32]) {
     par_map(x, &Gelu {});
 }
 
-/// `out[i] = hidden[i] · gelu(gate[i])` in one pass.
+/// `out[i] = (hidden[i] + hidden_bias[i]) · gelu(gate[i] + gate_bias[i])` in one pass (the
+/// biases zero when the projection has none).
 struct GatedGelu<'a> {
     hidden: &'a [f32],
     gate: &'a [f32],
+    bias: Option<(&'a [f32], &'a [f32])>,
     out: &'a mut [f32],
 }
 
@@ -72,27 +74,51 @@ impl SimdOp for GatedGelu<'_> {
         let n = self.out.len();
         let body = n - n % lanes;
         let gelu = Gelu {};
-        for i in (0..body).step_by(lanes) {
-            let g = gelu.eval(isa, ops.load(&self.gate[i..i + lanes]));
-            let y = ops.mul(ops.load(&self.hidden[i..i + lanes]), g);
-            ops.store(y, &mut self.out[i..i + lanes]);
+        match self.bias {
+            Some((hb, gb)) => {
+                for i in (0..body).step_by(lanes) {
+                    let g = ops.add(
+                        ops.load(&self.gate[i..i + lanes]),
+                        ops.load(&gb[i..i + lanes]),
+                    );
+                    let h = ops.add(
+                        ops.load(&self.hidden[i..i + lanes]),
+                        ops.load(&hb[i..i + lanes]),
+                    );
+                    ops.store(ops.mul(h, gelu.eval(isa, g)), &mut self.out[i..i + lanes]);
+                }
+            }
+            None => {
+                for i in (0..body).step_by(lanes) {
+                    let g = gelu.eval(isa, ops.load(&self.gate[i..i + lanes]));
+                    let y = ops.mul(ops.load(&self.hidden[i..i + lanes]), g);
+                    ops.store(y, &mut self.out[i..i + lanes]);
+                }
+            }
         }
         for i in body..n {
-            let mut g = [self.gate[i]];
+            let (hb, gb) = self.bias.map_or((0.0, 0.0), |(h, g)| (h[i], g[i]));
+            let mut g = [self.gate[i] + gb];
             map_in_place(&mut g, &gelu);
-            self.out[i] = self.hidden[i] * g[0];
+            self.out[i] = (self.hidden[i] + hb) * g[0];
         }
     }
 }
 
-/// GEGLU's gate: `x` is `[rows, 2·inner]` (a projection's output); `out[r, j] = x[r, j] ·
-/// gelu(x[r, inner + j])`, `out` `[rows, inner]`, in one pass without materialising the halves.
-pub fn geglu(x: &[f32], rows: usize, inner: usize, out: &mut [f32]) {
+/// GEGLU's gate: `x` is `[rows, 2·inner]` (a projection's output before its bias, `bias`
+/// `[2·inner]`); `out[r, j] = (x[r, j] + bias[j]) · gelu(x[r, inner + j] + bias[inner + j])`, `out`
+/// `[rows, inner]`, in one pass without materialising the halves. The bias is added here rather
+/// than by the GEMM, so the projection's output is written once and read once.
+pub fn geglu(x: &[f32], rows: usize, inner: usize, bias: Option<&[f32]>, out: &mut [f32]) {
     assert_eq!(x.len(), rows * 2 * inner, "geglu: input length");
     assert_eq!(out.len(), rows * inner, "geglu: output length");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), 2 * inner, "geglu: bias length");
+    }
     if inner == 0 {
         return;
     }
+    let bias = bias.map(|b| b.split_at(inner));
     let rows_per_task = (CHUNK / inner).max(1);
     out.par_chunks_mut(rows_per_task * inner)
         .zip(x.par_chunks(rows_per_task * 2 * inner))
@@ -102,6 +128,7 @@ pub fn geglu(x: &[f32], rows: usize, inner: usize, out: &mut [f32]) {
                 isa::dispatch(GatedGelu {
                     hidden,
                     gate,
+                    bias,
                     out: o,
                 });
             }

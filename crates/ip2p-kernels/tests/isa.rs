@@ -46,13 +46,22 @@ fn outputs() -> Vec<Vec<f32>> {
     activation::gelu(&mut gelu);
     let z = data(9 * 2 * 19, 9);
     let mut geglu = vec![0.0; 9 * 19];
-    activation::geglu(&z, 9, 19, &mut geglu);
-    vec![gn, ln, silu, gelu, geglu]
+    activation::geglu(&z, 9, 19, None, &mut geglu);
+    let mut geglu_bias = vec![0.0; 9 * 19];
+    activation::geglu(&z, 9, 19, Some(&data(2 * 19, 10)), &mut geglu_bias);
+    vec![gn, ln, silu, gelu, geglu, geglu_bias]
 }
 
 #[test]
 fn instruction_sets_agree() {
-    let names = ["group_norm+silu", "layer_norm", "silu", "gelu", "geglu"];
+    let names = [
+        "group_norm+silu",
+        "layer_norm",
+        "silu",
+        "gelu",
+        "geglu",
+        "geglu+bias",
+    ];
     let mut results = Vec::new();
     for &set in isa::available() {
         assert!(isa::force(Some(set)));

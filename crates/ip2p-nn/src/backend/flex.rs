@@ -301,12 +301,24 @@ impl Backend for Flex {
         if !is_f32(&x) || !is_f32_or_half(&proj.weight.val()) || two_inner % 2 != 0 {
             return generic::geglu(proj, x);
         }
-        let y = <Flex as Backend>::fused_linear(proj, x, None);
+        // The projection without its bias: the gate adds it while reading the output once.
+        let bias = proj.bias.as_ref().map(param);
+        let unbiased = Linear {
+            weight: proj.weight.clone(),
+            bias: None,
+        };
+        let y = <Flex as Backend>::fused_linear(&unbiased, x, None);
         let [b, l, _] = y.dims();
         let inner = two_inner / 2;
         let y = F32::new(y);
         let mut out = vec![0.0; b * l * inner];
-        ip2p_kernels::activation::geglu(y.slice(), b * l, inner, &mut out);
+        ip2p_kernels::activation::geglu(
+            y.slice(),
+            b * l,
+            inner,
+            bias.as_ref().map(F32::slice),
+            &mut out,
+        );
         tensor(out, [b, l, inner])
     }
 
