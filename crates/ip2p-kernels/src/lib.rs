@@ -12,4 +12,5 @@ pub mod gemm;
 pub mod isa;
 pub mod linear;
 pub mod norm;
+pub mod pointwise;
 pub mod winograd;

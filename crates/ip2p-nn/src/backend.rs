@@ -34,6 +34,23 @@ pub trait Backend: burn::tensor::backend::Backend {
         generic::conv2d(conv, x, residual)
     }
 
+    /// A 1×1 conv of `x` `[batch, in, h, w]`, returned token-major: `[batch, h·w, out]` (a
+    /// transformer's `proj_in`).
+    fn fused_conv1x1_to_tokens(conv: &Conv2d<Self>, x: Tensor<Self, 4>) -> Tensor<Self, 3> {
+        generic::conv1x1_to_tokens(conv, x)
+    }
+
+    /// A 1×1 conv of token-major `tokens` `[batch, h·w, in]` as the map `[batch, in, h, w]`
+    /// (`hw` = `[h, w]`), plus `residual` `[batch, out, h, w]` (a transformer's `proj_out`).
+    fn fused_conv1x1_from_tokens(
+        conv: &Conv2d<Self>,
+        tokens: Tensor<Self, 3>,
+        hw: [usize; 2],
+        residual: Option<Tensor<Self, 4>>,
+    ) -> Tensor<Self, 4> {
+        generic::conv1x1_from_tokens(conv, tokens, hw, residual)
+    }
+
     /// GroupNorm with f32 statistics over `[batch, channels, ...]`, then SiLU when `silu`.
     fn fused_group_norm<const D: usize>(
         norm: &GroupNorm<Self>,
@@ -145,6 +162,26 @@ pub mod generic {
             Some(r) => r + y,
             None => y,
         }
+    }
+
+    /// The conv on the map, then its `[batch, out, h·w]` viewed token-major (no copy here).
+    pub fn conv1x1_to_tokens<B: super::Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, _, h, w] = x.dims();
+        let y = B::fused_conv2d(conv, x, None);
+        let out = y.dims()[1];
+        y.reshape([b, out, h * w]).swap_dims(1, 2)
+    }
+
+    /// The tokens viewed as a map, then the conv.
+    pub fn conv1x1_from_tokens<B: super::Backend>(
+        conv: &Conv2d<B>,
+        tokens: Tensor<B, 3>,
+        [h, w]: [usize; 2],
+        residual: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 4> {
+        let [b, _, c] = tokens.dims();
+        let map = tokens.swap_dims(1, 2).reshape([b, c, h, w]);
+        B::fused_conv2d(conv, map, residual)
     }
 
     pub fn group_norm<B: Backend, const D: usize>(

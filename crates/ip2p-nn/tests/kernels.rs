@@ -204,3 +204,55 @@ fn attention_matches_burn() {
         );
     }
 }
+
+/// A transformer's `proj_in`/`proj_out`: 1×1 convs into and out of token-major layout, the
+/// kernel path (strided GEMM operands) against a conv and a transpose. Includes a non-square map,
+/// one position, channels off the SIMD widths, no bias, and a 3×3 conv (not 1×1: the fallback).
+#[test]
+fn conv1x1_between_maps_and_tokens_matches_burn() {
+    seed(7);
+    for &(n, cin, cout, h, w, k, bias) in &[
+        (1, 3, 5, 1, 1, 1, true),
+        (3, 17, 9, 4, 6, 1, true),
+        (2, 32, 40, 8, 8, 1, false),
+        (3, 20, 12, 5, 3, 3, true),
+    ] {
+        let conv = randomised(
+            Conv2dConfig::new([cin, cout], [k, k])
+                .with_bias(bias)
+                .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
+                .init::<B>(&Default::default()),
+        );
+        let x = rand([n, cin, h, w]);
+        let want = generic::conv1x1_to_tokens(&conv, x.clone());
+        let got = <B as Backend>::fused_conv1x1_to_tokens(&conv, x);
+        assert_close(
+            &format!("to tokens {n}×{cin}→{cout}@{h}×{w} k{k}"),
+            got,
+            want,
+            TOL,
+        );
+
+        let tokens = rand([n, h * w, cin]);
+        let residual = rand([n, cout, h, w]);
+        for residual in [Some(residual), None] {
+            let want =
+                generic::conv1x1_from_tokens(&conv, tokens.clone(), [h, w], residual.clone());
+            let got = <B as Backend>::fused_conv1x1_from_tokens(
+                &conv,
+                tokens.clone(),
+                [h, w],
+                residual.clone(),
+            );
+            assert_close(
+                &format!(
+                    "from tokens {n}×{cin}→{cout}@{h}×{w} k{k} residual {}",
+                    residual.is_some()
+                ),
+                got,
+                want,
+                TOL,
+            );
+        }
+    }
+}

@@ -163,11 +163,7 @@ impl<B: Backend> Transformer2DModel<B> {
         let residual = x.clone();
         let x = B::fused_group_norm(&self.norm, x, false);
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => {
-                let y = B::fused_conv2d(conv, x, None);
-                let inner = y.dims()[1];
-                y.reshape([b, inner, h * w]).swap_dims(1, 2)
-            }
+            Projection::Conv(conv) => B::fused_conv1x1_to_tokens(conv, x),
             Projection::Linear(lin) => {
                 B::fused_linear(lin, x.reshape([b, c, h * w]).swap_dims(1, 2), None)
             }
@@ -177,9 +173,7 @@ impl<B: Backend> Transformer2DModel<B> {
         }
         match &self.proj_out {
             Projection::Conv(conv) => {
-                let inner = tokens.dims()[2];
-                let tokens = tokens.swap_dims(1, 2).reshape([b, inner, h, w]);
-                B::fused_conv2d(conv, tokens, Some(residual))
+                B::fused_conv1x1_from_tokens(conv, tokens, [h, w], Some(residual))
             }
             Projection::Linear(lin) => {
                 let residual = residual.reshape([b, c, h * w]).swap_dims(1, 2);

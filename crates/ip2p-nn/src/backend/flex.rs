@@ -125,6 +125,29 @@ fn param<const D: usize>(p: &burn::module::Param<Tensor<Flex, D>>) -> F32 {
     F32::new(p.val())
 }
 
+/// The output channels of `conv` when it is a plain 1×1 conv over `cin` channels (stride 1, no
+/// padding, dilation or groups; f32 or f16 weights), which the pointwise kernels take.
+fn plain_conv1x1(conv: &Conv2d<Flex>, cin: usize) -> Option<usize> {
+    let weight = conv.weight.val();
+    let [cout, cin_w, kh, kw] = weight.dims();
+    let plain = [kh, kw] == [1, 1]
+        && cin_w == cin
+        && conv.stride == [1, 1]
+        && conv.dilation == [1, 1]
+        && conv.groups == 1
+        && padding(&conv.padding) == Some([0; 4])
+        && is_f32_or_half(&weight);
+    plain.then_some(cout)
+}
+
+/// A 1×1 conv's `[out, in, 1, 1]` weight as the `[out, in]` values the kernels take.
+fn conv1x1_weight(conv: &Conv2d<Flex>) -> Weight {
+    match conv.weight.val().into_primitive() {
+        TensorPrimitive::Float(t) => Weight::new(t.to_contiguous()),
+        TensorPrimitive::QFloat(_) => unreachable!("checked: f32 or f16"),
+    }
+}
+
 /// `[top, left, bottom, right]` of the padding configurations the kernels take.
 fn padding(p: &PaddingConfig2d) -> Option<[usize; 4]> {
     match p {
@@ -255,6 +278,66 @@ impl Backend for Flex {
             &mut out,
         );
         tensor(out, dims)
+    }
+
+    fn fused_conv1x1_to_tokens(conv: &Conv2d<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex, 3> {
+        let [b, cin, h, w] = x.dims();
+        let Some(cout) = plain_conv1x1(conv, cin).filter(|_| is_f32(&x)) else {
+            return generic::conv1x1_to_tokens(conv, x);
+        };
+        let positions = h * w;
+        let x = F32::new(x);
+        let weight = conv1x1_weight(conv);
+        let bias = conv.bias.as_ref().map(param);
+        let mut out = vec![0.0; b * positions * cout];
+        ip2p_kernels::pointwise::map_to_tokens(
+            x.slice(),
+            b,
+            cin,
+            positions,
+            weight.slice(),
+            cout,
+            bias.as_ref().map(F32::slice),
+            &mut out,
+        );
+        tensor(out, [b, positions, cout])
+    }
+
+    fn fused_conv1x1_from_tokens(
+        conv: &Conv2d<Flex>,
+        tokens: Tensor<Flex, 3>,
+        hw: [usize; 2],
+        residual: Option<Tensor<Flex, 4>>,
+    ) -> Tensor<Flex, 4> {
+        let [b, positions, cin] = tokens.dims();
+        let [h, w] = hw;
+        let usable = plain_conv1x1(conv, cin).filter(|&cout| {
+            is_f32(&tokens)
+                && h * w == positions
+                && residual
+                    .as_ref()
+                    .is_none_or(|r| is_f32(r) && r.dims() == [b, cout, h, w])
+        });
+        let Some(cout) = usable else {
+            return generic::conv1x1_from_tokens(conv, tokens, hw, residual);
+        };
+        let tokens = F32::new(tokens);
+        let weight = conv1x1_weight(conv);
+        let bias = conv.bias.as_ref().map(param);
+        let residual = residual.map(F32::new);
+        let mut out = vec![0.0; b * cout * positions];
+        ip2p_kernels::pointwise::tokens_to_map(
+            tokens.slice(),
+            b,
+            positions,
+            cin,
+            weight.slice(),
+            cout,
+            bias.as_ref().map(F32::slice),
+            residual.as_ref().map(F32::slice),
+            &mut out,
+        );
+        tensor(out, [b, cout, h, w])
     }
 
     fn fused_linear<const D: usize>(
