@@ -2,8 +2,9 @@
 //! is still in cache: statistics, then normalise-and-scale (and SiLU) in place.
 //!
 //! Statistics as PyTorch defines them: mean and biased variance per group or row, `eps` added
-//! to the variance. Sums are taken in f32 SIMD lanes over blocks and accumulated in f64, so a
-//! VAE group of a million elements keeps its mean exact to f32 precision.
+//! to the variance. GroupNorm sums in f32 SIMD lanes over blocks and accumulates them in f64, so
+//! a VAE group of a million elements keeps its mean exact to f32 precision; LayerNorm's rows
+//! (a transformer's, at most a few thousand values) are summed in f32 lanes whole.
 
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -11,7 +12,7 @@ use std::mem::MaybeUninit;
 use rten_simd::functional::simd_map;
 use rten_simd::ops::{BitOps, NumOps};
 use rten_simd::{Isa, SimdOp, SimdUnaryOp};
-use rten_vecmath::{Normalize, NormalizeOptions, Silu, Sum, SumSquareSub};
+use rten_vecmath::{Silu, Sum, SumSquareSub};
 
 use crate::isa;
 
@@ -41,20 +42,6 @@ fn moments(x: &[f32]) -> (f64, f64) {
         }
     }
     isa::dispatch(Moments(x))
-}
-
-/// `x = (x − mean) · scale · gamma + beta` with per-element or constant gamma/beta.
-struct Affine<'a> {
-    x: &'a mut [f32],
-    opts: NormalizeOptions<'a>,
-}
-
-impl SimdOp for Affine<'_> {
-    type Output = ();
-    #[inline(always)]
-    fn eval<I: Isa>(self, isa: I) {
-        Normalize::new_mut(self.x, self.opts).eval(isa);
-    }
 }
 
 /// `dst = (src − mean) · scale + bias`, then SiLU when `silu`: one read, one write.
@@ -166,25 +153,72 @@ pub fn layer_norm(
     if dim == 0 {
         return;
     }
-    // One dispatch per row, for now: a version that ran a task's rows under one dispatch (and
-    // so instantiated rten-vecmath's reductions in a second place) made LLVM stop inlining
-    // them into the AVX-512 context, and every kernel using them ran 5× slower (2026-11-30).
     let rows_per_task = (16384 / dim).max(1);
     out.par_chunks_mut(rows_per_task * dim)
         .zip(x.par_chunks(rows_per_task * dim))
         .for_each(|(out, x)| {
-            for (o, x) in out.chunks_mut(dim).zip(x.chunks(dim)) {
-                let (mean, var) = moments(x);
-                let inv_std = (1.0 / (var + eps as f64).sqrt()) as f32;
-                o.copy_from_slice(x);
-                let opts = NormalizeOptions {
-                    pre_scale_bias: mean as f32,
-                    scale: inv_std,
-                    element_scale: Some(gamma),
-                    element_bias: Some(beta),
-                    ..Default::default()
-                };
-                isa::dispatch(Affine { x: o, opts });
-            }
+            isa::dispatch(LayerNormRows {
+                x,
+                out,
+                dim,
+                gamma,
+                beta,
+                eps,
+            })
         });
+}
+
+/// LayerNorm of whole rows under one dispatch (a transformer's rows are short, 320–1280 values,
+/// so a dispatch and two reductions per row cost more than the arithmetic): mean and biased
+/// variance in f32 lanes over a row that stays in L1, then `(x − mean) · inv_std · gamma +
+/// beta`. Written with rten-simd's plain vector ops only: instantiating rten-vecmath's
+/// reductions here as well once made LLVM stop inlining them into every other kernel
+/// (GroupNorm ran 5× slower, 2026-11-30).
+struct LayerNormRows<'a> {
+    x: &'a [f32],
+    out: &'a mut [f32],
+    dim: usize,
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    eps: f32,
+}
+
+impl SimdOp for LayerNormRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn eval<I: Isa>(self, isa: I) {
+        let o = isa.f32();
+        let lanes = o.len();
+        let dim = self.dim;
+        let body = dim - dim % lanes;
+        let n = dim as f64;
+        for (x, out) in self.x.chunks_exact(dim).zip(self.out.chunks_exact_mut(dim)) {
+            let mut acc = o.zero();
+            for i in (0..body).step_by(lanes) {
+                acc = o.add(acc, o.load(&x[i..i + lanes]));
+            }
+            let tail: f32 = x[body..].iter().sum();
+            let mean = (o.sum(acc) + tail) as f64 / n;
+            let m = o.splat(mean as f32);
+            let mut acc = o.zero();
+            for i in (0..body).step_by(lanes) {
+                let d = o.sub(o.load(&x[i..i + lanes]), m);
+                acc = o.mul_add(d, d, acc);
+            }
+            let tail: f32 = x[body..].iter().map(|&v| (v - mean as f32).powi(2)).sum();
+            let var = (o.sum(acc) + tail) as f64 / n;
+            let inv_std = (1.0 / (var + self.eps as f64).sqrt()) as f32;
+            let s = o.splat(inv_std);
+            for i in (0..body).step_by(lanes) {
+                let d = o.mul(o.sub(o.load(&x[i..i + lanes]), m), s);
+                let g = o.load(&self.gamma[i..i + lanes]);
+                let b = o.load(&self.beta[i..i + lanes]);
+                o.store(o.mul_add(d, g, b), &mut out[i..i + lanes]);
+            }
+            for i in body..dim {
+                out[i] = (x[i] - mean as f32) * inv_std * self.gamma[i] + self.beta[i];
+            }
+        }
+    }
 }
