@@ -1205,9 +1205,9 @@ mod flex {
                     let imp = AttentionImpl::default();
                     let (q, k, v) = (q.clone(), k.clone(), v.clone());
                     let y = if burn {
-                        generic::attention(q, k, v, *heads, imp)
+                        generic::attention(q, k, v, *heads, false, imp)
                     } else {
-                        Flex::fused_attention(q, k, v, *heads, imp)
+                        Flex::fused_attention(q, k, v, *heads, false, imp)
                     };
                     std::hint::black_box(y);
                 }

@@ -67,6 +67,7 @@ fn main() {
         q_len,
         kv_len,
         head_dim,
+        causal: false,
     };
     let vae = |tokens| AttentionShape {
         batch: 1,
@@ -74,6 +75,7 @@ fn main() {
         q_len: tokens,
         kv_len: tokens,
         head_dim: 512,
+        causal: false,
     };
     let cases = [
         ("UNet 256² self", unet(1024, 1024, 40)),

@@ -28,6 +28,9 @@ pub struct AttentionShape {
     pub q_len: usize,
     pub kv_len: usize,
     pub head_dim: usize,
+    /// Query `i` sees keys `0..=i` only (a text encoder's causal mask, torch's `is_causal`:
+    /// aligned at the top left when the lengths differ).
+    pub causal: bool,
 }
 
 impl AttentionShape {
@@ -210,6 +213,13 @@ pub fn attention(
                     let v_blk = MatRef::strided(&v[kv_blk..], cols, hd, kvs, 1);
                     let s = MatMut::row_major(scores, rows, cols);
                     matmul(s, q_tile, k_t, scale, false, Threads::One);
+                    if shape.causal {
+                        // Key `j0 + c` is after query `q0 + r`: its weight is exp(−∞) = 0.
+                        for (r, row) in scores.chunks_exact_mut(cols).enumerate() {
+                            let first_hidden = (q0 + r + 1).saturating_sub(j0).min(cols);
+                            row[first_hidden..].fill(f32::NEG_INFINITY);
+                        }
+                    }
                     crate::isa::dispatch(ExpRows {
                         scores,
                         cols,

@@ -140,6 +140,7 @@ fn shape(
         q_len,
         kv_len,
         head_dim,
+        causal: false,
     }
 }
 

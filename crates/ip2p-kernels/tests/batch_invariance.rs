@@ -137,7 +137,7 @@ proptest! {
         batch in 2usize..5, heads in 1usize..4, q_len in 1usize..300, kv_len in 1usize..100,
         head_dim in 1usize..24, seed in any::<u64>(),
     ) {
-        let shape = |batch| AttentionShape { batch, heads, q_len, kv_len, head_dim };
+        let shape = |batch| AttentionShape { batch, heads, q_len, kv_len, head_dim, causal: false };
         let all = shape(batch);
         let inner = all.inner();
         let q = values(seed, batch * q_len * inner);

@@ -189,7 +189,7 @@ impl<B: Backend> Attention<B> {
         let q = B::fused_linear(&self.to_q, h, None);
         let k = B::fused_linear(&self.to_k, context.clone(), None);
         let v = B::fused_linear(&self.to_v, context, None);
-        let out = B::fused_attention(q, k, v, self.heads, self.attention_impl);
+        let out = B::fused_attention(q, k, v, self.heads, false, self.attention_impl);
         // The caller's residual comes after the rescale, so it joins the epilogue only
         // when there is none.
         let rescale = self.rescale_output_factor != 1.0;

@@ -85,15 +85,17 @@ pub trait Backend: burn::tensor::backend::Backend {
     }
 
     /// Multi-head attention on token-major projections: `q` `[batch, q_len, heads·head_dim]`,
-    /// `k` and `v` `[batch, kv_len, heads·head_dim]` → `[batch, q_len, heads·head_dim]`.
+    /// `k` and `v` `[batch, kv_len, heads·head_dim]` → `[batch, q_len, heads·head_dim]`;
+    /// `causal`: query `i` sees keys `0..=i` only (torch's `is_causal`).
     fn fused_attention(
         q: Tensor<Self, 3>,
         k: Tensor<Self, 3>,
         v: Tensor<Self, 3>,
         heads: usize,
+        causal: bool,
         imp: AttentionImpl,
     ) -> Tensor<Self, 3> {
-        generic::attention(q, k, v, heads, imp)
+        generic::attention(q, k, v, heads, causal, imp)
     }
 }
 
@@ -225,13 +227,14 @@ pub mod generic {
         k: Tensor<B, 3>,
         v: Tensor<B, 3>,
         heads: usize,
+        causal: bool,
         imp: AttentionImpl,
     ) -> Tensor<B, 3> {
         let split = |x: Tensor<B, 3>| {
             let [b, l, inner] = x.dims();
             x.reshape([b, l, heads, inner / heads]).swap_dims(1, 2)
         };
-        let out = scaled_dot_product(split(q), split(k), split(v), false, imp);
+        let out = scaled_dot_product(split(q), split(k), split(v), causal, imp);
         let [b, h, l, d] = out.dims();
         out.swap_dims(1, 2).reshape([b, l, h * d])
     }

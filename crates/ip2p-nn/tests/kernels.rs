@@ -194,10 +194,18 @@ fn attention_matches_burn() {
         let q = rand([b, lq, heads * d]).mul_scalar(3.0);
         let k = rand([b, lk, heads * d]);
         let v = rand([b, lk, heads * d]);
-        let want = generic::attention(q.clone(), k.clone(), v.clone(), heads, AttentionImpl::Naive);
-        let got = <B as Backend>::fused_attention(q, k, v, heads, AttentionImpl::Fused);
+        let causal = lq == lk && lq % 2 == 1;
+        let want = generic::attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            heads,
+            causal,
+            AttentionImpl::Naive,
+        );
+        let got = <B as Backend>::fused_attention(q, k, v, heads, causal, AttentionImpl::Fused);
         assert_close(
-            &format!("attention b{b} h{heads} d{d} {lq}×{lk}"),
+            &format!("attention b{b} h{heads} d{d} {lq}×{lk} causal {causal}"),
             got,
             want,
             TOL,

@@ -19,7 +19,7 @@ use ip2p_nn::Backend;
 use ip2p_nn::norm::layer_norm;
 use ip2p_nn::{
     AttentionImpl, LoadError, Precision, WeightSpec, default_float_dtype, load_safetensors,
-    read_config, scaled_dot_product, weights_file,
+    read_config, weights_file,
 };
 use serde::Deserialize;
 
@@ -215,16 +215,11 @@ pub struct ClipMlp<B: Backend> {
 
 impl<B: Backend> ClipAttention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, l, c] = x.dims();
-        let split = |t: Tensor<B, 3>| {
-            t.reshape([b, l, self.heads, c / self.heads])
-                .swap_dims(1, 2)
-        };
-        let q = split(B::fused_linear(&self.q_proj, x.clone(), None));
-        let k = split(B::fused_linear(&self.k_proj, x.clone(), None));
-        let v = split(B::fused_linear(&self.v_proj, x, None));
-        let out = scaled_dot_product(q, k, v, true, self.attention_impl);
-        B::fused_linear(&self.out_proj, out.swap_dims(1, 2).reshape([b, l, c]), None)
+        let q = B::fused_linear(&self.q_proj, x.clone(), None);
+        let k = B::fused_linear(&self.k_proj, x.clone(), None);
+        let v = B::fused_linear(&self.v_proj, x, None);
+        let out = B::fused_attention(q, k, v, self.heads, true, self.attention_impl);
+        B::fused_linear(&self.out_proj, out, None)
     }
 }
 

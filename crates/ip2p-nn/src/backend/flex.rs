@@ -410,6 +410,7 @@ impl Backend for Flex {
         k: Tensor<Flex, 3>,
         v: Tensor<Flex, 3>,
         heads: usize,
+        causal: bool,
         imp: AttentionImpl,
     ) -> Tensor<Flex, 3> {
         let [b, lq, inner] = q.dims();
@@ -421,7 +422,7 @@ impl Backend for Flex {
             && inner_k == inner
             && v.dims() == k.dims();
         if !usable {
-            return generic::attention(q, k, v, heads, imp);
+            return generic::attention(q, k, v, heads, causal, imp);
         }
         let shape = AttentionShape {
             batch: b,
@@ -429,6 +430,7 @@ impl Backend for Flex {
             q_len: lq,
             kv_len: lk,
             head_dim: inner / heads,
+            causal,
         };
         let (q, k, v) = (F32::new(q), F32::new(k), F32::new(v));
         let scale = (shape.head_dim as f32).powf(-0.5);
