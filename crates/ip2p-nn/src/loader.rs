@@ -114,11 +114,12 @@ impl<B: Backend> Fill<'_, B> {
         let chunk: Vec<TensorData> = match &self.file.storage {
             Storage::Mapped {
                 file,
+                map,
                 shared,
                 spans,
             } => slots
                 .par_iter()
-                .map(|slot| read(file, shared, spans[slot.index], slot))
+                .map(|slot| read(file, map, shared, spans[slot.index], slot))
                 .collect::<Result<_, _>>()?,
             // burn-store's pickle tensors are not thread-safe (`Rc`): one at a time.
             Storage::Pickle { .. } => slots
@@ -206,7 +207,13 @@ impl<B: Backend> ModuleMapper<B> for Fill<'_, B> {
 /// as long as the last such tensor. Others are read with `pread` into a buffer of their own
 /// size and converted into their final buffer: the map's pages are then not
 /// touched, so they never count in the process's resident set.
-fn read(file: &File, shared: &bytes::Bytes, span: Span, slot: &Slot) -> Result<TensorData, String> {
+fn read(
+    file: &File,
+    map: &memmap2::Mmap,
+    shared: &bytes::Bytes,
+    span: Span,
+    slot: &Slot,
+) -> Result<TensorData, String> {
     let dtype = slot.dtype;
     let io = |e: std::io::Error| format!("{}: reading {} bytes: {e}", slot.key, span.len);
     let shape = file_shape(slot);
@@ -221,6 +228,15 @@ fn read(file: &File, shared: &bytes::Bytes, span: Span, slot: &Slot) -> Result<T
         );
     if as_is {
         let start = span.offset as usize;
+        // Map the view's pages now, in bulk and on the loader's threads, rather than by one
+        // page fault after another in the model's first step (3.3 GB of SD 1.5 UNet: ~0.3 s
+        // here against ~0.9 s of first-step faults). diffusers copies its weights while
+        // loading, so this is where it pays too. Best effort: kernels before Linux 5.14 refuse
+        // the advice, and the pages then fault in on first use as before.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise_range(memmap2::Advice::PopulateRead, start, span.len);
+        #[cfg(not(target_os = "linux"))]
+        let _ = map;
         let view = shared.slice(start..start + span.len);
         return Ok(TensorData::from_bytes(
             Bytes::from_shared(view, AllocationProperty::File),

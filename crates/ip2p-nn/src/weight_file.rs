@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::DType;
 use burn_store::TensorSnapshot;
@@ -42,10 +43,21 @@ pub(crate) struct Span {
     pub len: usize,
 }
 
+/// A map shared between [`Storage::Mapped`] and the tensors that are views of it.
+struct SharedMap(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for SharedMap {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 pub(crate) enum Storage {
     /// A safetensors file: each tensor's bytes lie at a span of the map.
     Mapped {
         file: File,
+        /// The map itself, to prefault the spans used in place ([`SharedMap`]).
+        map: Arc<memmap2::Mmap>,
         shared: bytes::Bytes,
         spans: Vec<Span>,
     },
@@ -113,8 +125,8 @@ impl WeightFile {
         // SAFETY: a read-only map of a file we do not modify. Tensors that are views of it keep
         // it mapped (`loader::read`); a file truncated by another process meanwhile would
         // fault, as with any memory-mapped weights (diffusers' safetensors loading included).
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        let shared = bytes::Bytes::from_owner(map);
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?);
+        let shared = bytes::Bytes::from_owner(SharedMap(map.clone()));
         let st = SafeTensors::deserialize(&shared).map_err(|e| LoadError::Corrupt {
             path: path.to_path_buf(),
             reason: e.to_string(),
@@ -140,6 +152,7 @@ impl WeightFile {
             tensors,
             Storage::Mapped {
                 file,
+                map,
                 shared,
                 spans,
             },
