@@ -14,3 +14,11 @@ pub mod linear;
 pub mod norm;
 pub mod pointwise;
 pub mod winograd;
+
+/// Deterministic values in [-0.5, 0.5), a different sequence per seed: the unit tests' inputs.
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n as u32)
+        .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 1999) as f32 / 1999.0 - 0.5)
+        .collect()
+}

@@ -82,12 +82,7 @@ pub fn linear(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n as u32)
-            .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 1999) as f32 / 1999.0 - 0.5)
-            .collect()
-    }
+    use crate::test_values as values;
 
     /// An item's row comes out bit for bit the same alone or among others, in either layout
     /// (the file's `[out, in]` is what the loader leaves): the guidance batch, `--batch` and

@@ -197,12 +197,7 @@ pub fn tokens_to_map(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n as u32)
-            .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 1999) as f32 / 1999.0 - 0.5)
-            .collect()
-    }
+    use crate::test_values as values;
 
     /// `[batch, cout, positions]` by a plain loop in f64.
     fn conv1x1(
