@@ -18,7 +18,6 @@ use ip2p_vae::image_io::{
 };
 use ip2p_vae::{images_to_tensor, tensor_to_images};
 
-use crate::backend::{BackendKind, DTypeArg};
 use crate::interrupt::Interrupt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -102,19 +101,8 @@ pub struct EditArgs {
     /// Image latents (VAE mode(), unscaled; tensor `latents`): skips the VAE encode.
     #[arg(long, conflicts_with = "images")]
     pub image_latents: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
-    pub backend: BackendKind,
-    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-    pub dtype: DTypeArg,
-    /// Weight variant, e.g. fp16 for *.fp16.safetensors.
-    #[arg(long)]
-    pub variant: Option<String>,
-    /// f16 weights of a variant computed in f32: `keep` holds the Conv2d/Linear weights in f16
-    /// (half the memory) and widens them inside each layer, exactly, so the results equal
-    /// `widen`'s (all weights converted to f32 at load). `auto` (the default): keep on the CPU
-    /// backend when --variant is given and --dtype is f32, widen otherwise.
-    #[arg(long, value_enum, default_value_t = HalfWeights::Auto)]
-    pub f16_weights: HalfWeights,
+    #[command(flatten)]
+    pub runtime: crate::model_args::RuntimeArgs,
     #[arg(long, value_enum, default_value_t = Resize::Diffusers)]
     pub resize: Resize,
     /// Activation memory budget in MiB: a larger batch runs in chunks sized by resolution.
@@ -131,28 +119,10 @@ pub struct EditArgs {
     pub quiet: bool,
 }
 
-/// What to do with the f16 weights of a variant when computing in f32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum HalfWeights {
-    Auto,
-    Keep,
-    Widen,
-}
-
-impl HalfWeights {
-    fn keep(self) -> Option<bool> {
-        match self {
-            Self::Auto => None,
-            Self::Keep => Some(true),
-            Self::Widen => Some(false),
-        }
-    }
-}
-
 pub fn run(args: &EditArgs) -> Result<()> {
-    crate::backend::dispatch!(args.backend, args.dtype, |device, probe| edit::<B>(
-        args, device, probe
-    ))
+    crate::backend::dispatch!(args.runtime.backend, args.runtime.dtype, |device, probe| {
+        edit::<B>(args, device, probe)
+    })
 }
 
 fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe) -> Result<()> {
@@ -176,12 +146,9 @@ fn edit<B: Backend>(args: &EditArgs, device: B::Device, probe: &dyn MemoryProbe)
     }
     let outputs = output_paths(&args.outputs, n, decode)?;
 
-    let options = args.single.apply(LoadOptions {
-        dtype: Some(args.dtype.dtype()),
-        variant: args.variant.clone(),
-        half_weights: args.f16_weights.keep(),
-        ..LoadOptions::default()
-    });
+    let options = args
+        .single
+        .apply(args.runtime.apply(LoadOptions::default()));
     // One-shot: each part is loaded for its stage and dropped after it (ip2p_pipeline::one_shot),
     // so only the configs (and a single file's header) are read before the images.
     let source = ip2p_pipeline::model::ModelSource::open(&args.model, &options)

@@ -31,7 +31,6 @@ use ip2p_sched::SchedulerKind;
 use ip2p_vae::image_io::{ResizeRule, default_max_pixels, load_image_limited, resize_for_vae};
 use ip2p_vae::{VaeConfig, images_to_tensor, tensor_to_images};
 
-use crate::backend::{BackendKind, DTypeArg};
 use crate::edit::Resize;
 use crate::interrupt::Interrupt;
 
@@ -78,12 +77,8 @@ pub struct EditDatasetArgs {
     /// Global seed: an item without a `seed` column gets one derived from this and its id.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
-    pub backend: BackendKind,
-    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-    pub dtype: DTypeArg,
-    #[arg(long)]
-    pub variant: Option<String>,
+    #[command(flatten)]
+    pub runtime: crate::model_args::RuntimeArgs,
     #[arg(long, value_enum, default_value_t = Resize::Diffusers)]
     pub resize: Resize,
     /// Items whose image has more pixels than this fail (read from the file's header, before
@@ -115,9 +110,9 @@ pub fn run(args: &EditDatasetArgs) -> Result<()> {
     if let Some(dir) = &args.merge {
         return merge(args, dir);
     }
-    crate::backend::dispatch!(args.backend, args.dtype, |device, probe| run_shard::<B>(
-        args, device, probe
-    ))
+    crate::backend::dispatch!(args.runtime.backend, args.runtime.dtype, |device, probe| {
+        run_shard::<B>(args, device, probe)
+    })
 }
 
 fn merge(args: &EditDatasetArgs, dir: &std::path::Path) -> Result<()> {
@@ -250,11 +245,7 @@ fn run_shard<B: Backend>(
         .as_deref()
         .map(SchedulerKind::from_name)
         .transpose()?;
-    let options = LoadOptions {
-        dtype: Some(args.dtype.dtype()),
-        variant: args.variant.clone(),
-        ..LoadOptions::default()
-    };
+    let options = args.runtime.apply(LoadOptions::default());
     let t = Instant::now();
     let model = Ip2pModel::<B>::load(model_dir, &device, &options)
         .with_context(|| format!("loading {}", model_dir.display()))?;

@@ -10,8 +10,6 @@ use ip2p_nn::Backend;
 use ip2p_pipeline::LoadOptions;
 use ip2p_serve::{ServeConfig, Server};
 
-use crate::backend::{BackendKind, DTypeArg};
-
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// A diffusers InstructPix2Pix folder.
@@ -21,13 +19,8 @@ pub struct ServeArgs {
     /// 0.0.0.0:PORT (every interface) lets anyone who can reach this machine use it.
     #[arg(long, default_value = "127.0.0.1:7860")]
     pub addr: SocketAddr,
-    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
-    pub backend: BackendKind,
-    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-    pub dtype: DTypeArg,
-    /// Weight variant, e.g. fp16 for *.fp16.safetensors.
-    #[arg(long)]
-    pub variant: Option<String>,
+    #[command(flatten)]
+    pub runtime: crate::model_args::RuntimeArgs,
     /// Edits that may wait behind the running one; more are refused (429).
     #[arg(long, default_value_t = 8)]
     pub queue: usize,
@@ -43,7 +36,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
-    crate::backend::dispatch!(args.backend, args.dtype, |device, probe| {
+    crate::backend::dispatch!(args.runtime.backend, args.runtime.dtype, |device, probe| {
         let _ = probe;
         serve::<B>(args, device)
     })
@@ -51,11 +44,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
 
 fn serve<B: Backend>(args: &ServeArgs, device: B::Device) -> Result<()> {
     let config = ServeConfig {
-        load: LoadOptions {
-            dtype: Some(args.dtype.dtype()),
-            variant: args.variant.clone(),
-            ..LoadOptions::default()
-        },
+        load: args.runtime.apply(LoadOptions::default()),
         addr: args.addr,
         queue: args.queue,
         keep_results: Duration::from_secs(args.keep_results),
