@@ -222,3 +222,30 @@ pub fn assert_fixture<B: Backend, const D: usize>(
         rel_l2,
     )
 }
+
+/// Every float parameter of `module`: its path (`down_blocks.0.resnets.1.conv1.weight`) and its
+/// values, in visiting order. Two loads of the same weights compare parameter by parameter.
+pub fn float_params<B: Backend, M: burn::module::Module<B>>(
+    module: &M,
+) -> Vec<(String, TensorData)> {
+    #[derive(Default)]
+    struct Params {
+        path: Vec<String>,
+        all: Vec<(String, TensorData)>,
+    }
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Params {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            self.all
+                .push((self.path.join("."), param.val().into_data()));
+        }
+    }
+    let mut p = Params::default();
+    module.visit(&mut p);
+    p.all
+}

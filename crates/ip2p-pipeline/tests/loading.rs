@@ -4,40 +4,18 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::module::Module;
+use burn::tensor::{DType, TensorData};
 use ip2p_nn::testing::fixtures_dir;
-use ip2p_nn::{Backend, WeightSpec, load_safetensors, load_safetensors_burn_store, weights_file};
+use ip2p_nn::{WeightSpec, load_safetensors, load_safetensors_burn_store, weights_file};
 use ip2p_text::ClipTextConfig;
 use ip2p_unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use ip2p_vae::{AutoencoderKLModule, VaeConfig};
 
 type B = burn::backend::Flex;
 
-/// Every float parameter's path, dtype and bytes, in visiting order.
-#[derive(Default)]
-struct Params {
-    path: Vec<String>,
-    all: Vec<(String, TensorData)>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for Params {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.all
-            .push((self.path.join("."), param.val().into_data()));
-    }
-}
-
 fn params<M: Module<B>>(m: &M) -> Vec<(String, TensorData)> {
-    let mut p = Params::default();
-    m.visit(&mut p);
-    p.all
+    ip2p_nn::testing::float_params::<B, M>(m)
 }
 
 fn assert_same<M: Module<B>>(what: &str, new: &M, old: &M) {

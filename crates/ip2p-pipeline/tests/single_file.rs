@@ -8,10 +8,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Tensor, TensorData};
+use burn::module::Module;
+use burn::tensor::TensorData;
 use ip2p_nn::testing::{Fixture, assert_fixture, fixtures_dir};
-use ip2p_nn::{Backend, LoadError, WeightFile};
+use ip2p_nn::{LoadError, WeightFile};
 use ip2p_pipeline::*;
 use ip2p_sched::SchedulerKind;
 
@@ -33,29 +33,8 @@ fn options(weights: UnetWeights) -> LoadOptions {
     }
 }
 
-#[derive(Default)]
-struct Params {
-    path: Vec<String>,
-    all: Vec<(String, TensorData)>,
-}
-
-impl<B: Backend> ModuleVisitor<B> for Params {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.all
-            .push((self.path.join("."), param.val().into_data()));
-    }
-}
-
 fn params<M: Module<B>>(m: &M) -> Vec<(String, TensorData)> {
-    let mut p = Params::default();
-    m.visit(&mut p);
-    p.all
+    ip2p_nn::testing::float_params::<B, M>(m)
 }
 
 /// Bitwise equality of two modules' parameters, `expected` optionally negated first.
