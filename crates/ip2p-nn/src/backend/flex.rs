@@ -125,6 +125,32 @@ fn param<const D: usize>(p: &burn::module::Param<Tensor<Flex, D>>) -> F32 {
     F32::new(p.val())
 }
 
+/// `x · weight + bias + residual` by the Linear kernel: `x` `rows × in` (checked by the caller
+/// against `weight`'s `[in, out]`), the result `rows × out`.
+fn linear_rows(
+    x: &F32,
+    rows: usize,
+    weight: Tensor<Flex, 2>,
+    bias: Option<&F32>,
+    residual: Option<&F32>,
+) -> Vec<f32> {
+    let [fan_in, fan_out] = weight.dims();
+    let weight = LinearWeight::new(weight);
+    let mut out = vec![0.0; rows * fan_out];
+    ip2p_kernels::linear::linear(
+        x.slice(),
+        rows,
+        fan_in,
+        weight.slice(),
+        weight.layout,
+        fan_out,
+        bias.map(F32::slice),
+        residual.map(F32::slice),
+        &mut out,
+    );
+    out
+}
+
 /// The output channels of `conv` when it is a plain 1×1 conv over `cin` channels (stride 1, no
 /// padding, dilation or groups; f32 or f16 weights), which the pointwise kernels take.
 fn plain_conv1x1(conv: &Conv2d<Flex>, cin: usize) -> Option<usize> {
@@ -360,48 +386,25 @@ impl Backend for Flex {
             return generic::linear(linear, x, residual);
         }
         let rows = dims[..D - 1].iter().product();
-        let x = F32::new(x);
-        let weight = LinearWeight::new(weight);
         let bias = linear.bias.as_ref().map(param);
         let residual = residual.map(F32::new);
-        let mut out = vec![0.0; rows * fan_out];
-        ip2p_kernels::linear::linear(
-            x.slice(),
-            rows,
-            fan_in,
-            weight.slice(),
-            weight.layout,
-            fan_out,
-            bias.as_ref().map(F32::slice),
-            residual.as_ref().map(F32::slice),
-            &mut out,
-        );
+        let out = linear_rows(&F32::new(x), rows, weight, bias.as_ref(), residual.as_ref());
         tensor(out, out_dims)
     }
 
     fn fused_geglu(proj: &Linear<Flex>, x: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
-        let two_inner = proj.weight.dims()[1];
-        if !is_f32(&x) || !is_f32_or_half(&proj.weight.val()) || two_inner % 2 != 0 {
+        let weight = proj.weight.val();
+        let [fan_in, two_inner] = weight.dims();
+        let [b, l, features] = x.dims();
+        if !is_f32(&x) || !is_f32_or_half(&weight) || two_inner % 2 != 0 || features != fan_in {
             return generic::geglu(proj, x);
         }
         // The projection without its bias: the gate adds it while reading the output once.
+        let y = linear_rows(&F32::new(x), b * l, weight, None, None);
         let bias = proj.bias.as_ref().map(param);
-        let unbiased = Linear {
-            weight: proj.weight.clone(),
-            bias: None,
-        };
-        let y = <Flex as Backend>::fused_linear(&unbiased, x, None);
-        let [b, l, _] = y.dims();
         let inner = two_inner / 2;
-        let y = F32::new(y);
         let mut out = vec![0.0; b * l * inner];
-        ip2p_kernels::activation::geglu(
-            y.slice(),
-            b * l,
-            inner,
-            bias.as_ref().map(F32::slice),
-            &mut out,
-        );
+        ip2p_kernels::activation::geglu(&y, b * l, inner, bias.as_ref().map(F32::slice), &mut out);
         tensor(out, [b, l, inner])
     }
 
