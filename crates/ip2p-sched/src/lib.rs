@@ -30,6 +30,7 @@ pub mod generator;
 mod mt19937;
 pub mod noise;
 pub mod schedule;
+pub mod splitmix;
 pub mod torch_generator;
 
 use burn::tensor::backend::Backend;
@@ -44,6 +45,7 @@ pub use euler::Euler;
 pub use euler_ancestral::EulerAncestral;
 pub use generator::{Generator, RngKind};
 pub use noise::NoiseRng;
+pub use splitmix::SplitMix;
 pub use torch_generator::{NormalKernel, TorchGenerator};
 
 /// What one denoising step returns.

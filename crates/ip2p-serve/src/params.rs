@@ -210,20 +210,17 @@ impl EditRequest {
 
 /// Random numbers for seeds, guidance and ids from std's randomly keyed hasher: nothing here
 /// needs to be reproducible or cryptographic, only different each time.
-pub(crate) struct Random(u64);
+pub(crate) struct Random(ip2p_sched::SplitMix);
 
 impl Random {
     pub fn new() -> Self {
-        Self(RandomState::new().build_hasher().finish())
+        Self(ip2p_sched::SplitMix::new(
+            RandomState::new().build_hasher().finish(),
+        ))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
@@ -232,7 +229,7 @@ impl Random {
 
     /// Uniform in [lo, hi], rounded to 2 decimals as the original's `round(uniform(..), 2)`.
     pub fn uniform_2dp(&mut self, lo: f64, hi: f64) -> f64 {
-        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let u = self.0.uniform();
         ((lo + (hi - lo) * u) * 100.0).round() / 100.0
     }
 }

@@ -1,0 +1,27 @@
+//! splitmix64: a tiny seedable generator, reproducible everywhere. It seeds [`crate::NoiseRng`]'s
+//! state and draws the training loop's data order and per-item draws (ip2p-train) and the
+//! server's random seeds (ip2p-serve).
+
+/// splitmix64 (Steele, Lea and Flood): each call advances by the golden-ratio increment and
+/// mixes.
+#[derive(Debug, Clone)]
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1), from the top 53 bits.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
